@@ -1,0 +1,171 @@
+"""Click options shared by the commands that train an ensemble (train, evaluate, calibrate).
+
+Each group is declared once here and turned into the library's settings
+objects by the matching ``*_from_options`` function.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import click
+from mlflow.exceptions import MlflowException
+
+from mlflow_tabcons.bounds import BOUNDS
+from mlflow_tabcons.consistency import NOISES, SIGMA_MODES, ScorerSettings
+from mlflow_tabcons.finetune import RESAMPLING, TrainSettings
+from mlflow_tabcons.model import DEFAULT_MODEL, LoraSettings
+from mlflow_tabcons.pipeline import TrainingConfig
+from mlflow_tabcons.serialize import TEMPLATES
+
+_DEFAULT_TRAIN = TrainSettings()
+_DEFAULT_LORA = LoraSettings()
+_DEFAULT_SCORER = ScorerSettings()
+_DEFAULT_CONFIG = TrainingConfig()
+
+
+def _stack(*decorators: Callable) -> Callable:
+    def apply(function: Callable) -> Callable:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+
+    return apply
+
+
+def _blank_is_none(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    """MLproject passes empty strings for unset optional parameters."""
+    return None if value in ("", "none", "None") else value
+
+
+data_options = _stack(
+    click.option("--data", default=_DEFAULT_CONFIG.data, show_default=True,
+                 help="Built-in dataset (credit-g, diabetes), a CSV/Parquet path, or openml:NAME_OR_ID."),
+    click.option("--target", default=None, callback=_blank_is_none, help="Column to predict (built-ins know theirs)."),
+    click.option("--question", default=None, callback=_blank_is_none, help="Task question appended to every row."),
+    click.option("--dictionary", default=None, callback=_blank_is_none,
+                 help="YAML data dictionary: column phrases and code-to-word maps."),
+    click.option("--template", type=click.Choice(TEMPLATES), default=_DEFAULT_CONFIG.template, show_default=True,
+                 help="Row serialization: 'text' (The age is 42.) or 'compact' (age: 42.)."),
+    click.option("--shots", type=int, default=_DEFAULT_CONFIG.shots, show_default=True, help="Training rows per member."),
+    click.option("--eval-rows", type=int, default=_DEFAULT_CONFIG.eval_rows, show_default=True,
+                 help="Test rows to score (0: all)."),
+    click.option("--split-seed", type=int, default=_DEFAULT_CONFIG.split_seed, show_default=True,
+                 help="Seed of the train/validation/test split and the few-shot sample."),
+)
+
+training_options = _stack(
+    click.option("--seeds", type=int, default=_DEFAULT_CONFIG.seeds, show_default=True, help="Ensemble members (>= 2)."),
+    click.option("--epochs", type=int, default=_DEFAULT_TRAIN.epochs, show_default=True),
+    click.option("--model", default=_DEFAULT_CONFIG.model, show_default=True,
+                 help=f"Hugging Face checkpoint (local dir or hub id); '{DEFAULT_MODEL}' is the packaged offline MiniLM-L6."),
+    click.option("--batch-size", type=int, default=_DEFAULT_TRAIN.batch_size, show_default=True),
+    click.option("--lr", "learning_rate", type=float, default=_DEFAULT_TRAIN.learning_rate, show_default=True,
+                 help="Learning rate of the LoRA adapters."),
+    click.option("--head-lr", "head_learning_rate", type=float, default=_DEFAULT_TRAIN.head_learning_rate,
+                 show_default=True, help="Learning rate of the classification head."),
+    click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=_DEFAULT_TRAIN.class_weight,
+                 show_default=True),
+    click.option("--lora-rank", type=int, default=_DEFAULT_LORA.rank, show_default=True),
+    click.option("--lora-alpha", type=float, default=_DEFAULT_LORA.alpha, show_default=True),
+    click.option("--lora-dropout", type=float, default=_DEFAULT_LORA.dropout, show_default=True),
+    click.option("--lora-modules", default=",".join(_DEFAULT_LORA.target_modules), show_default=True,
+                 help="Comma-separated module names LoRA wraps."),
+    click.option("--lora-layers", type=int, default=_DEFAULT_LORA.layers, show_default=True,
+                 help="Wrap only the top N layers (0: all); the frozen layers below are computed once."),
+    click.option("--resample", type=click.Choice(RESAMPLING), default=_DEFAULT_TRAIN.resample, show_default=True,
+                 help="Vary each member's training rows too: bootstrap, or a random subsample."),
+)
+
+scorer_options = _stack(
+    click.option("--k", type=int, default=_DEFAULT_SCORER.k, show_default=True, help="Neighbours per row."),
+    click.option("--sigma", type=float, default=_DEFAULT_SCORER.sigma, show_default=True, help="Neighbourhood radius."),
+    click.option("--sigma-mode", type=click.Choice(SIGMA_MODES), default=_DEFAULT_SCORER.sigma_mode, show_default=True,
+                 help="relative: sigma times the row's embedding norm; absolute: embedding units."),
+    click.option("--alpha", type=float, default=_DEFAULT_SCORER.alpha, show_default=True,
+                 help="Certificates hold with probability 1 - alpha."),
+    click.option("--tau", type=float, default=_DEFAULT_SCORER.tau, show_default=True,
+                 help="A row is certified when its lower bound exceeds tau."),
+    click.option("--bound", type=click.Choice(BOUNDS), default=_DEFAULT_SCORER.bound, show_default=True),
+    click.option("--variance-bound", type=float, default=_DEFAULT_SCORER.variance_bound, show_default=True,
+                 help="Stated bound on Var(Z) for --bound bernstein."),
+    click.option("--noise", type=click.Choice(NOISES), default=_DEFAULT_SCORER.noise, show_default=True),
+    click.option("--early-stop/--no-early-stop", default=_DEFAULT_SCORER.early_stop, show_default=True,
+                 help="Stop a row's sampling once decided (needs --bound betting)."),
+    click.option("--score-seed", type=int, default=_DEFAULT_SCORER.seed, show_default=True),
+)
+
+experiment_option = click.option(
+    "--experiment", default=None, callback=_blank_is_none,
+    help="MLflow experiment name (under `mlflow run` the run's own experiment is used).",
+)
+
+
+def train_settings_from_options(options: dict[str, Any]) -> TrainSettings:
+    modules = tuple(m.strip() for m in options["lora_modules"].split(",") if m.strip())
+    lora = LoraSettings(
+        rank=options["lora_rank"],
+        alpha=options["lora_alpha"],
+        dropout=options["lora_dropout"],
+        target_modules=modules,
+        layers=options["lora_layers"] or None,
+    )
+    return TrainSettings(
+        epochs=options["epochs"],
+        batch_size=options["batch_size"],
+        learning_rate=options["learning_rate"],
+        head_learning_rate=options["head_learning_rate"],
+        class_weight=options["class_weight"],
+        resample=options["resample"],
+        lora=lora,
+    )
+
+
+def scorer_settings_from_options(options: dict[str, Any]) -> ScorerSettings:
+    return ScorerSettings(
+        k=options["k"],
+        sigma=options["sigma"],
+        sigma_mode=options["sigma_mode"],
+        alpha=options["alpha"],
+        tau=options["tau"],
+        bound=options["bound"],
+        variance_bound=options["variance_bound"],
+        noise=options["noise"],
+        early_stop=options["early_stop"],
+        seed=options["score_seed"],
+    )
+
+
+def training_config_from_options(options: dict[str, Any]) -> TrainingConfig:
+    return TrainingConfig(
+        data=options["data"],
+        target=options["target"],
+        question=options["question"],
+        dictionary=options["dictionary"],
+        template=options["template"],
+        shots=options["shots"],
+        seeds=options["seeds"],
+        eval_rows=options["eval_rows"],
+        model=options["model"],
+        experiment=options["experiment"],
+        split_seed=options["split_seed"],
+        train=train_settings_from_options(options),
+        scorer=scorer_settings_from_options(options),
+    )
+
+
+def user_errors(function: Callable) -> Callable:
+    """Show bad input as a one-line usage error, not a traceback."""
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except MlflowException as error:
+            if error.get_http_status_code() >= 500:
+                raise
+            raise click.UsageError(error.message) from None
+
+    return wrapper

@@ -1,0 +1,323 @@
+"""The consistency score S, its certificate, and the certified-consistent fraction.
+
+METHOD.md, "The measure": for a row x with token embeddings E(x), draw k
+neighbours E(x) + r * u_i on the sphere of radius r around E(x) (padding
+excluded), and average Z_i = g(x_i) - |g(x) - g(x_i)|, where g is the
+probability of the class predicted at x. The certificate is a lower confidence
+bound on E[Z]; a row is certified consistent when it exceeds tau.
+
+Reproducibility: neighbour i of a row is drawn from a generator seeded by
+(seed, the row's token ids, i), so a row's score depends on neither its
+position in a request, nor the batching, nor whether sampling stopped early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from mlflow_tabcons.bounds import BOUNDS, betting_lcb, betting_ucb, clopper_pearson, lower_confidence_bound
+from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
+
+SIGMA_MODES = ("relative", "absolute")
+NOISES = ("sphere", "gaussian")
+MAX_K = 100_000
+# Rounds of sampling when early stopping: the bound is checked after each.
+_FIRST_ROUND = 16
+
+
+@dataclass(frozen=True)
+class ScorerSettings:
+    """How a prediction is scored and certified. Travels with the packaged model.
+
+    ``sigma`` is the neighbourhood radius: a share of the row's own embedding
+    norm ||E(x)||_F when ``sigma_mode`` is ``relative`` (the default: embedding
+    scales differ between models and rows), in embedding units when ``absolute``.
+    ``early_stop`` (needs the anytime-valid ``betting`` bound) stops sampling a
+    row as soon as its bound clears tau or its upper bound falls below it.
+    """
+
+    k: int = 128
+    sigma: float = 0.5
+    sigma_mode: str = "relative"
+    alpha: float = 0.05
+    tau: float = 0.5
+    bound: str = "empirical-bernstein"
+    variance_bound: float = 1.0
+    noise: str = "sphere"
+    early_stop: bool = False
+    seed: int = 0
+    max_batch_tokens: int = 16384
+
+    def __post_init__(self) -> None:
+        check_int("k", self.k, minimum=2, maximum=MAX_K)
+        check_float("sigma", self.sigma, low=0.0, low_open=True)
+        check_choice("sigma_mode", self.sigma_mode, SIGMA_MODES)
+        check_float("alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_float("tau", self.tau, low=-1.0, high=1.0, high_open=True)
+        check_choice("bound", self.bound, BOUNDS)
+        check_float("variance_bound", self.variance_bound, low=0.0, high=1.0, low_open=True)
+        check_choice("noise", self.noise, NOISES)
+        if not isinstance(self.early_stop, (bool, np.bool_)):
+            raise TabconsInputError(f"early_stop must be true or false, got {self.early_stop!r}")
+        if self.early_stop and self.bound != "betting":
+            raise TabconsInputError(
+                f"early_stop needs the anytime-valid bound 'betting'; the {self.bound!r} bound holds only at a k fixed in advance"
+            )
+        check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
+        check_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
+
+    def with_overrides(self, **overrides: Any) -> ScorerSettings:
+        """A copy with some fields replaced (and validated); None values are ignored."""
+        known = set(asdict(self))
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise TabconsInputError(f"unknown scorer setting(s) {unknown}; known: {sorted(known)}")
+        return replace(self, **{key: value for key, value in overrides.items() if value is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ProbabilityBackend(Protocol):
+    """What the scorer needs from a model; PyTorch and ONNX Runtime both provide it."""
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(L,) token ids -> (L, d) input embeddings E(x)."""
+
+    def probabilities(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        """(B, L, d) embeddings and (B, L) mask -> (B, C) class probabilities."""
+
+
+class TorchBackend:
+    """The scorer's view of a ``TabularClassifier`` in PyTorch."""
+
+    def __init__(self, classifier: torch.nn.Module, device: str = "cpu") -> None:
+        self.classifier = classifier.to(device).eval()
+        self.device = device
+
+    @torch.inference_mode()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.classifier.embed(input_ids.to(self.device)[None])[0].float().cpu()
+
+    @torch.inference_mode()
+    def probabilities(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        logits = self.classifier.logits_from_embeddings(embeddings.to(self.device), attention_mask.to(self.device))
+        return torch.softmax(logits.float(), dim=-1).cpu().numpy()
+
+
+@dataclass
+class ConsistencyScores:
+    """Per-row results of scoring; arrays of length n (``probabilities`` is (n, C))."""
+
+    predicted: np.ndarray
+    probabilities: np.ndarray
+    confidence: np.ndarray
+    consistency: np.ndarray
+    lcb: np.ndarray
+    certified: np.ndarray
+    samples: np.ndarray
+    settings: ScorerSettings
+
+    def certified_fraction(self) -> tuple[float, float, float]:
+        """Share of certified rows and its Clopper-Pearson interval at the scorer's alpha."""
+        count = int(self.certified.sum())
+        low, high = clopper_pearson(count, len(self.certified), self.settings.alpha)
+        return count / len(self.certified), low, high
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "predicted_class": self.predicted,
+                "confidence": self.confidence,
+                "consistency": self.consistency,
+                "consistency_lcb": self.lcb,
+                "certified": self.certified,
+                "neighbours": self.samples,
+            }
+        )
+
+
+def _row_key(seed: int, input_ids: torch.Tensor) -> bytes:
+    return hashlib.blake2b(seed.to_bytes(8, "little") + input_ids.numpy().astype("<i8").tobytes(), digest_size=16).digest()
+
+
+def _neighbour_seed(row_key: bytes, index: int) -> int:
+    return int.from_bytes(hashlib.blake2b(row_key + index.to_bytes(8, "little"), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass
+class _Row:
+    embedding: torch.Tensor
+    key: bytes
+    radius: float
+    predicted: int
+    confidence: float
+    z: list[float]
+
+    def directions(self, start: int, count: int, noise: str) -> torch.Tensor:
+        """Neighbours start..start+count-1: unit directions (sphere) or scaled Gaussian draws."""
+        out = torch.empty((count, *self.embedding.shape))
+        for j in range(count):
+            generator = torch.Generator().manual_seed(_neighbour_seed(self.key, start + j))
+            out[j] = torch.randn(self.embedding.shape, generator=generator)
+        if noise == "sphere":
+            return out / out.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+        return out / float(self.embedding.numel()) ** 0.5
+
+
+def _batches(sizes: Sequence[tuple[int, int, int]], max_tokens: int) -> list[list[tuple[int, int, int]]]:
+    """Pack (row, count, length) jobs into forward batches of at most ``max_tokens`` padded tokens."""
+    batches: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    longest = rows = 0
+    for row, count, length in sorted(sizes, key=lambda job: job[2]):
+        while count:
+            room = max_tokens // max(longest, length) - rows
+            if room <= 0 and current:
+                batches.append(current)
+                current, longest, rows = [], 0, 0
+                continue
+            take = min(count, max(room, 1))
+            current.append((row, take, length))
+            rows += take
+            longest = max(longest, length)
+            count -= take
+    if current:
+        batches.append(current)
+    return batches
+
+
+class ConsistencyScorer:
+    """Scores rows with any ``ProbabilityBackend`` under fixed ``ScorerSettings``."""
+
+    def __init__(self, backend: ProbabilityBackend, settings: ScorerSettings | None = None) -> None:
+        self.backend = backend
+        self.settings = settings or ScorerSettings()
+
+    def predict_proba(self, input_ids: Sequence[torch.Tensor]) -> np.ndarray:
+        """Plain class probabilities (n, C) of unperturbed rows: the fast path without a score."""
+        embeddings = [self.backend.embed(ids) for ids in input_ids]
+        return self._forward_rows(embeddings)
+
+    def _forward_rows(self, embeddings: Sequence[torch.Tensor]) -> np.ndarray:
+        jobs = [(i, 1, e.shape[0]) for i, e in enumerate(embeddings)]
+        out: np.ndarray | None = None
+        for batch in _batches(jobs, self.settings.max_batch_tokens):
+            probabilities = self._forward([embeddings[row] for row, _, _ in batch])
+            if out is None:
+                out = np.empty((len(embeddings), probabilities.shape[1]))
+            out[[row for row, _, _ in batch]] = probabilities
+        return out
+
+    def _forward(self, stacks: Sequence[torch.Tensor]) -> np.ndarray:
+        """Forward (L_i, d) rows or (m_i, L_i, d) neighbour stacks as one padded batch."""
+        stacks = [s[None] if s.dim() == 2 else s for s in stacks]
+        count = sum(s.shape[0] for s in stacks)
+        length = max(s.shape[1] for s in stacks)
+        batch = torch.zeros((count, length, stacks[0].shape[2]))
+        mask = torch.zeros((count, length), dtype=torch.long)
+        at = 0
+        for stack in stacks:
+            batch[at : at + stack.shape[0], : stack.shape[1]] = stack
+            mask[at : at + stack.shape[0], : stack.shape[1]] = 1
+            at += stack.shape[0]
+        return self.backend.probabilities(batch, mask)
+
+    def score(self, input_ids: Sequence[torch.Tensor], *, progress: bool = False) -> ConsistencyScores:
+        """Score every row: prediction, S, the lower bound and the certified flag."""
+        settings = self.settings
+        if len(input_ids) == 0:
+            raise TabconsInputError("nothing to score: the input has no rows")
+        embeddings = [self.backend.embed(ids) for ids in input_ids]
+        probabilities = self._forward_rows(embeddings)
+        predicted = probabilities.argmax(axis=1)
+        rows = []
+        for i, (ids, embedding) in enumerate(zip(input_ids, embeddings)):
+            norm = float(embedding.norm())
+            radius = settings.sigma * norm if settings.sigma_mode == "relative" else settings.sigma
+            rows.append(_Row(embedding, _row_key(settings.seed, ids), radius, int(predicted[i]), float(probabilities[i, predicted[i]]), []))
+        decided_lcb = np.full(len(rows), np.nan)
+        active = list(range(len(rows)))
+        bar = tqdm(total=len(rows) * settings.k, desc="scoring", unit="pass", disable=not progress or None)
+        for target in self._rounds():
+            jobs = [(i, target - len(rows[i].z), rows[i].embedding.shape[0]) for i in active]
+            for batch in _batches(jobs, settings.max_batch_tokens):
+                self._sample(rows, batch)
+                bar.update(sum(count for _, count, _ in batch))
+            if settings.early_stop:
+                active = self._still_undecided(rows, active, decided_lcb)
+                if not active:
+                    break
+        bar.update(bar.total - bar.n)
+        bar.close()
+        return self._results(rows, probabilities, decided_lcb)
+
+    def _rounds(self) -> list[int]:
+        """Sample counts after which the bound is checked: 16, 32, 64, ... k (or just k)."""
+        k = self.settings.k
+        if not self.settings.early_stop:
+            return [k]
+        rounds, total = [], _FIRST_ROUND
+        while total < k:
+            rounds.append(total)
+            total *= 2
+        return rounds + [k]
+
+    def _sample(self, rows: list[_Row], batch: list[tuple[int, int, int]]) -> None:
+        noise = self.settings.noise
+        stacks = []
+        for i, count, _ in batch:  # a row appears at most once per batch
+            row = rows[i]
+            stacks.append(row.embedding[None] + row.radius * row.directions(len(row.z), count, noise))
+        probabilities = self._forward(stacks)
+        at = 0
+        for i, count, _ in batch:
+            row = rows[i]
+            g = probabilities[at : at + count, row.predicted]
+            row.z.extend((g - np.abs(row.confidence - g)).tolist())
+            at += count
+
+    def _still_undecided(self, rows: list[_Row], active: list[int], decided_lcb: np.ndarray) -> list[int]:
+        alpha, tau = self.settings.alpha, self.settings.tau
+        by_count: dict[int, list[int]] = {}
+        for i in active:
+            by_count.setdefault(len(rows[i].z), []).append(i)
+        undecided = []
+        for group in by_count.values():
+            z = np.array([rows[i].z for i in group])
+            lower, upper = betting_lcb(z, alpha), betting_ucb(z, alpha)
+            for i, lo, hi in zip(group, lower, upper):
+                if lo > tau or hi < tau:
+                    decided_lcb[i] = lo
+                else:
+                    undecided.append(i)
+        return undecided
+
+    def _results(self, rows: list[_Row], probabilities: np.ndarray, decided_lcb: np.ndarray) -> ConsistencyScores:
+        settings = self.settings
+        lcb = decided_lcb.copy()
+        pending = [i for i in range(len(rows)) if np.isnan(lcb[i])]
+        by_count: dict[int, list[int]] = {}
+        for i in pending:
+            by_count.setdefault(len(rows[i].z), []).append(i)
+        for group in by_count.values():
+            z = np.array([rows[i].z for i in group])
+            lcb[group] = lower_confidence_bound(z, settings.alpha, settings.bound, variance_bound=settings.variance_bound)
+        return ConsistencyScores(
+            predicted=np.array([row.predicted for row in rows]),
+            probabilities=probabilities,
+            confidence=np.array([row.confidence for row in rows]),
+            consistency=np.array([np.mean(row.z) for row in rows]),
+            lcb=lcb,
+            certified=lcb > settings.tau,
+            samples=np.array([len(row.z) for row in rows]),
+            settings=settings,
+        )

@@ -1,0 +1,249 @@
+"""Fine-tuning a seed ensemble of LoRA members (METHOD.md, "Ground truth").
+
+``EnsembleTrainer`` holds what the members share: the tokenized rows, the
+frozen base encoder and, when LoRA wraps only the top layers, the output of
+the frozen layers below them, computed once for every row and reused by every
+epoch of every member. Members differ in seed: LoRA and head initialization,
+data order, dropout, and optionally which training rows they see.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
+from mlflow_tabcons.model import LoraSettings, TabularClassifier, build_classifier
+
+RESAMPLING = ("none", "bootstrap", "subsample")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Hyper-parameters of one member; every member of an ensemble shares them."""
+
+    epochs: int = 8
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    head_learning_rate: float = 3e-3
+    weight_decay: float = 0.01
+    warmup: float = 0.1
+    class_weight: str = "balanced"
+    max_length: int = 256
+    pooling: str = "mean"
+    head_dropout: float = 0.1
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    resample: str = "none"
+    subsample: float = 0.8
+    cache_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        check_int("epochs", self.epochs, minimum=1, maximum=1000)
+        check_int("batch_size", self.batch_size, minimum=1, maximum=4096)
+        check_float("learning_rate", self.learning_rate, low=0.0, high=1.0, low_open=True)
+        check_float("head_learning_rate", self.head_learning_rate, low=0.0, high=1.0, low_open=True)
+        check_float("weight_decay", self.weight_decay, low=0.0)
+        check_float("warmup", self.warmup, low=0.0, high=1.0, high_open=True)
+        check_choice("class_weight", self.class_weight, ("balanced", "none"))
+        check_int("max_length", self.max_length, minimum=8, maximum=8192)
+        check_choice("resample", self.resample, RESAMPLING)
+        check_float("subsample", self.subsample, low=0.0, high=1.0, low_open=True)
+
+
+@dataclass(frozen=True)
+class EncodedRows:
+    """Token ids of serialized rows (unpadded) and their class ids (-1 where unknown)."""
+
+    input_ids: list[torch.Tensor]
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(tokenizer, texts: Sequence[str], labels: np.ndarray | None, max_length: int) -> EncodedRows:
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    labels = np.full(len(ids), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
+    return EncodedRows([torch.tensor(row, dtype=torch.long) for row in ids], labels)
+
+
+def pad(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad 1-D (ids) or 2-D (hidden states) rows; return the batch and its attention mask."""
+    length = max(row.shape[0] for row in rows)
+    batch = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        batch[i, : row.shape[0]] = row
+        mask[i, : row.shape[0]] = 1
+    return batch, mask
+
+
+@dataclass
+class Member:
+    """One fine-tuned model of the ensemble and how its training went."""
+
+    seed: int
+    classifier: TabularClassifier
+    history: list[dict[str, float]]
+    train_rows: np.ndarray
+
+
+def balanced_class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_labels * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+class EnsembleTrainer:
+    """Trains members that share a base encoder, tokenized rows and frozen-prefix cache."""
+
+    def __init__(
+        self,
+        base_encoder: nn.Module,
+        num_labels: int,
+        settings: TrainSettings,
+        train: EncodedRows,
+        validation: EncodedRows | None = None,
+        *,
+        device: str = "cpu",
+    ) -> None:
+        if len(train) == 0:
+            raise TabconsInputError("no training rows")
+        if np.any(train.labels < 0):
+            raise TabconsInputError("every training row needs a label")
+        self.base_encoder = base_encoder.to(device).eval()
+        for parameter in self.base_encoder.parameters():
+            parameter.requires_grad_(False)
+        self.num_labels = num_labels
+        self.settings = settings
+        self.train = train
+        self.validation = validation
+        self.device = device
+        probe = TabularClassifier(self.base_encoder, num_labels, pooling=settings.pooling)
+        self.depth = probe.prefix_layers(settings.lora.layers) if settings.cache_prefix else 0
+        self._train_prefix = self._prefix(probe, train) if self.depth else None
+        self._validation_prefix = self._prefix(probe, validation) if self.depth and validation else None
+
+    @torch.inference_mode()
+    def _prefix(self, classifier: TabularClassifier, rows: EncodedRows, batch_size: int = 64) -> list[torch.Tensor]:
+        """Per row: hidden states after the frozen layers, unpadded, on the CPU."""
+        out: list[torch.Tensor] = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows.input_ids[start : start + batch_size]
+            ids, mask = pad(chunk)
+            hidden = classifier.frozen_prefix(ids.to(self.device), mask.to(self.device), self.depth).cpu()
+            out.extend(hidden[i, : len(row)].clone() for i, row in enumerate(chunk))
+        return out
+
+    def _logits(
+        self, classifier: TabularClassifier, rows: EncodedRows, prefix: list[torch.Tensor] | None, index: np.ndarray
+    ) -> torch.Tensor:
+        if prefix is not None:
+            hidden, mask = pad([prefix[i] for i in index])
+            return classifier.logits_from_prefix(hidden.to(self.device), mask.to(self.device), self.depth)
+        ids, mask = pad([rows.input_ids[i] for i in index])
+        return classifier(ids.to(self.device), mask.to(self.device))
+
+    def _member_rows(self, rng: np.random.Generator) -> np.ndarray:
+        n = len(self.train)
+        if self.settings.resample == "bootstrap":
+            return rng.integers(0, n, size=n)
+        if self.settings.resample == "subsample":
+            return np.sort(rng.choice(n, size=max(self.num_labels, int(round(self.settings.subsample * n))), replace=False))
+        return np.arange(n)
+
+    def train_member(self, seed: int, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> Member:
+        """Fine-tune one member; ``on_epoch`` receives each epoch's loss and validation scores."""
+        settings = self.settings
+        rng = np.random.default_rng(seed)
+        classifier = build_classifier(
+            self.base_encoder,
+            self.num_labels,
+            lora=settings.lora,
+            seed=seed,
+            pooling=settings.pooling,
+            head_dropout=settings.head_dropout,
+        ).to(self.device)
+        torch.manual_seed(seed)
+        rows = self._member_rows(rng)
+        adapter = [p for n, p in classifier.named_parameters() if p.requires_grad and not n.startswith("head.")]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": adapter, "lr": settings.learning_rate},
+                {"params": list(classifier.head.parameters()), "lr": settings.head_learning_rate},
+            ],
+            weight_decay=settings.weight_decay,
+        )
+        steps = settings.epochs * math.ceil(len(rows) / settings.batch_size)
+        warmup = max(1, int(settings.warmup * steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min((step + 1) / warmup, max(0.0, (steps - step) / max(1, steps - warmup)))
+        )
+        weights = None
+        if settings.class_weight == "balanced":
+            weights = balanced_class_weights(self.train.labels[rows], self.num_labels).to(self.device)
+        loss_fn = nn.CrossEntropyLoss(weight=weights)
+        labels = torch.from_numpy(self.train.labels.copy())
+        history: list[dict[str, float]] = []
+        progress = tqdm(total=steps, desc=f"member seed={seed}", unit="step", leave=False, disable=None)
+        for epoch in range(1, settings.epochs + 1):
+            classifier.train()
+            order = rng.permutation(rows)
+            total, count = 0.0, 0
+            for start in range(0, len(order), settings.batch_size):
+                index = order[start : start + settings.batch_size]
+                logits = self._logits(classifier, self.train, self._train_prefix, index)
+                loss = loss_fn(logits, labels[index].to(self.device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                total += loss.item() * len(index)
+                count += len(index)
+                progress.update(1)
+            record = {"epoch": float(epoch), "train_loss": total / count}
+            if self.validation is not None and len(self.validation):
+                record.update(_validation_scores(self.predict_proba(classifier, self.validation, self._validation_prefix), self.validation.labels))
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+        progress.close()
+        classifier.eval()
+        return Member(seed=seed, classifier=classifier, history=history, train_rows=rows)
+
+    def prefix_for(self, rows: EncodedRows) -> list[torch.Tensor] | None:
+        """The frozen-prefix cache for other rows (e.g. the evaluation set), shared by all members."""
+        if not self.depth:
+            return None
+        return self._prefix(TabularClassifier(self.base_encoder, self.num_labels, pooling=self.settings.pooling), rows)
+
+    @torch.inference_mode()
+    def predict_proba(
+        self,
+        classifier: TabularClassifier,
+        rows: EncodedRows,
+        prefix: list[torch.Tensor] | None = None,
+        batch_size: int = 64,
+    ) -> np.ndarray:
+        """Class probabilities (n, C) of one member, in evaluation mode."""
+        was_training = classifier.training
+        classifier.eval()
+        out = []
+        for start in range(0, len(rows), batch_size):
+            index = np.arange(start, min(start + batch_size, len(rows)))
+            out.append(torch.softmax(self._logits(classifier, rows, prefix, index), dim=-1).float().cpu().numpy())
+        classifier.train(was_training)
+        return np.concatenate(out)
+
+
+def _validation_scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    from mlflow_tabcons.metrics import classification_scores
+
+    scores = classification_scores(labels, probabilities)
+    return {f"val_{name}": value for name, value in scores.items()}

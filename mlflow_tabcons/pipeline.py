@@ -1,0 +1,276 @@
+"""The `main` job: fine-tune a seed ensemble, measure multiplicity, score the reference, log it all.
+
+One parent MLflow run, one child run per member. A member that fails marks
+its own child run FAILED and the parent carries on with the others; the parent
+fails only when fewer than two members succeed (no multiplicity to measure).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+
+from mlflow_tabcons import multiplicity
+from mlflow_tabcons.consistency import ConsistencyScorer, ConsistencyScores, ScorerSettings, TorchBackend
+from mlflow_tabcons.data import TabularDataset, few_shot, load_dataset, split_dataset, stratified_sample
+from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
+from mlflow_tabcons.finetune import EncodedRows, EnsembleTrainer, Member, TrainSettings, encode
+from mlflow_tabcons.metrics import classification_scores, majority_rate
+from mlflow_tabcons.model import DEFAULT_MODEL, load_encoder, load_tokenizer, resolve_model_path
+from mlflow_tabcons.plots import consistency_histogram, consistency_vs_range
+from mlflow_tabcons.serialize import TEMPLATES, RowSerializer
+
+logger = logging.getLogger(__name__)
+
+ROWS_ARTIFACT = "tabcons/rows.json"
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Everything `tabcons train` / `mlflow run . -e main` takes."""
+
+    data: str = "credit-g"
+    target: str | None = None
+    question: str | None = None
+    dictionary: str | None = None
+    template: str = "compact"
+    shots: int = 256
+    seeds: int = 5
+    eval_rows: int = 100
+    model: str = DEFAULT_MODEL
+    experiment: str | None = None
+    split_seed: int = 0
+    train: TrainSettings = field(default_factory=TrainSettings)
+    scorer: ScorerSettings = field(default_factory=ScorerSettings)
+
+    def __post_init__(self) -> None:
+        check_int("seeds", self.seeds, minimum=2, maximum=1000)
+        check_int("shots", self.shots, minimum=1)
+        check_int("eval_rows", self.eval_rows, minimum=0)
+        check_int("split_seed", self.split_seed, minimum=0)
+        check_choice("template", self.template, TEMPLATES)
+
+    def params(self) -> dict[str, Any]:
+        """Flat parameters for MLflow (nested settings become dotted keys)."""
+        flat: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, inner in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, inner)
+            else:
+                flat[prefix] = ",".join(value) if isinstance(value, (list, tuple)) else value
+
+        walk("", asdict(self))
+        return flat
+
+
+@dataclass
+class PreparedData:
+    """The dataset cut into what training and scoring read, serialized and tokenized."""
+
+    dataset: TabularDataset
+    serializer: RowSerializer
+    tokenizer: Any
+    train_frame: pd.DataFrame
+    eval_frame: pd.DataFrame
+    train: EncodedRows
+    validation: EncodedRows
+    evaluation: EncodedRows
+
+
+def prepare_data(config: TrainingConfig) -> PreparedData:
+    dataset = load_dataset(config.data, config.target, question=config.question, dictionary=config.dictionary)
+    split = split_dataset(dataset, seed=config.split_seed)
+    train_frame = few_shot(split.train, dataset.target, config.shots, seed=config.split_seed)
+    if config.eval_rows and config.eval_rows > len(split.test):
+        raise TabconsInputError(f"eval_rows={config.eval_rows} is larger than the {len(split.test)} test rows")
+    eval_frame = (
+        stratified_sample(split.test, dataset.target, config.eval_rows, seed=config.split_seed, what="eval_rows")
+        if config.eval_rows
+        else split.test
+    )
+    serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, config.template)
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    max_length = config.train.max_length
+
+    def encoded(frame: pd.DataFrame) -> EncodedRows:
+        return encode(tokenizer, serializer.serialize_frame(frame), dataset.encode_labels(frame), max_length)
+
+    return PreparedData(
+        dataset, serializer, tokenizer, train_frame, eval_frame,
+        encoded(train_frame), encoded(split.validation), encoded(eval_frame),
+    )
+
+
+@dataclass
+class TrainingOutcome:
+    """What the job produced, for callers that go on (logging the model, evaluation)."""
+
+    parent_run_id: str
+    data: PreparedData
+    trainer: EnsembleTrainer
+    members: list[Member]
+    member_probabilities: np.ndarray  # (m, n, C) on the evaluation rows
+    scores: ConsistencyScores
+    metrics: dict[str, float]
+    rows: pd.DataFrame
+
+
+def _configure_threads() -> None:
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def train_ensemble_members(
+    trainer: EnsembleTrainer, data: PreparedData, config: TrainingConfig, eval_prefix: list[torch.Tensor] | None
+) -> tuple[list[Member], list[np.ndarray], list[int]]:
+    """Train every seed in its own child run; return the members, their eval probabilities, failed seeds."""
+    members, probabilities, failed = [], [], []
+    labels = data.evaluation.labels
+    baseline = majority_rate(labels)
+    for seed in range(config.seeds):
+        try:
+            with mlflow.start_run(run_name=f"seed-{seed}", nested=True):
+                mlflow.set_tag("tabcons.role", "member")
+                mlflow.log_params({"seed": seed, **{k: v for k, v in config.params().items() if k.startswith("train.")}})
+                member = trainer.train_member(
+                    seed, on_epoch=lambda record: mlflow.log_metrics(
+                        {k: v for k, v in record.items() if k != "epoch" and np.isfinite(v)}, step=int(record["epoch"])
+                    )
+                )
+                member_probabilities = trainer.predict_proba(member.classifier, data.evaluation, eval_prefix)
+                scores = classification_scores(labels, member_probabilities)
+                learned = scores["accuracy"] > baseline
+                mlflow.log_metrics({**{k: v for k, v in scores.items() if np.isfinite(v)}, "majority_rate": baseline})
+                mlflow.set_tag("tabcons.beats_majority", str(learned).lower())
+                if not learned:
+                    message = (
+                        f"member seed={seed} does no better than the majority class "
+                        f"(accuracy {scores['accuracy']:.3f} <= majority rate {baseline:.3f}): "
+                        "its disagreements are not evidence of multiplicity; try more shots, epochs or a higher learning rate"
+                    )
+                    logger.warning(message)
+        except Exception as error:  # one bad member must not take the ensemble down
+            logger.exception("member seed=%d failed", seed)
+            failed.append(seed)
+            _tag_failed_child(seed, error)
+            continue
+        members.append(member)
+        probabilities.append(member_probabilities)
+    return members, probabilities, failed
+
+
+def _tag_failed_child(seed: int, error: Exception) -> None:
+    parent = mlflow.active_run()
+    runs = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}' and attributes.run_name = 'seed-{seed}'",
+        output_format="list",
+    )
+    for run in runs:
+        mlflow.MlflowClient().set_tag(run.info.run_id, "tabcons.error", f"{type(error).__name__}: {error}"[:5000])
+
+
+def per_row_table(
+    data: PreparedData, members: list[Member], member_probabilities: np.ndarray, scores: ConsistencyScores
+) -> pd.DataFrame:
+    """One row per evaluated input: features, truth, each member's probability, S, LCB, certificate, multiplicity."""
+    labels = data.dataset.labels
+    reference_class = scores.predicted
+    class_probabilities = multiplicity.class_probabilities(member_probabilities, reference_class)
+    member_labels = member_probabilities.argmax(axis=2)
+    features = data.eval_frame.reset_index(drop=True)
+    table = features.rename(columns={data.dataset.target: "label"})
+    columns: dict[str, Any] = {
+        "predicted": [labels[c] for c in reference_class],
+        "probability": scores.confidence,
+        **{f"probability_seed_{m.seed}": class_probabilities[j] for j, m in enumerate(members)},
+        "consistency": scores.consistency,
+        "consistency_lcb": scores.lcb,
+        "certified": scores.certified,
+        "neighbours": scores.samples,
+        "prediction_variance": multiplicity.prediction_variance(class_probabilities),
+        "prediction_range": multiplicity.prediction_range(class_probabilities),
+        "pairwise_disagreement": multiplicity.pairwise_disagreement(member_labels),
+        "agreement_with_reference": multiplicity.agreement_with_reference(member_labels),
+    }
+    clashes = [c for c in columns if c in table.columns]
+    table = table.rename(columns={c: f"{c} (feature)" for c in clashes})
+    return pd.concat([table, pd.DataFrame(columns)], axis=1)
+
+
+def ensemble_metrics(
+    labels: np.ndarray, members: list[Member], member_probabilities: np.ndarray, scores: ConsistencyScores
+) -> dict[str, float]:
+    member_labels = member_probabilities.argmax(axis=2)
+    class_probabilities = multiplicity.class_probabilities(member_probabilities, scores.predicted)
+    metrics: dict[str, float] = {}
+    per_member = [classification_scores(labels, p) for p in member_probabilities]
+    for name in ("accuracy", "balanced_accuracy", "auroc"):
+        values = np.array([s[name] for s in per_member])
+        for member, value in zip(members, values):
+            metrics[f"{name}_seed_{member.seed}"] = float(value)
+        metrics[f"{name}_mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+    metrics["majority_rate"] = majority_rate(labels)
+    metrics["members_beating_majority"] = float(sum(s["accuracy"] > metrics["majority_rate"] for s in per_member))
+    metrics.update(multiplicity.multiplicity_summary(member_labels, class_probabilities))
+    fraction, low, high = scores.certified_fraction()
+    metrics.update(
+        {
+            "certified_fraction": fraction,
+            "certified_fraction_lower": low,
+            "certified_fraction_upper": high,
+            "mean_consistency": float(scores.consistency.mean()),
+            "mean_neighbours": float(scores.samples.mean()),
+        }
+    )
+    return {k: v for k, v in metrics.items() if np.isfinite(v)}
+
+
+def run_training(config: TrainingConfig) -> TrainingOutcome:
+    """Run the whole `main` job under a parent run (the active one under `mlflow run`)."""
+    _configure_threads()
+    data = prepare_data(config)
+    if config.experiment and not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(config.experiment)
+    run_name = f"{data.dataset.name}-{config.shots}shots-{config.seeds}seeds"
+    with mlflow.start_run(run_name=run_name) as parent:
+        mlflow.set_tags({"tabcons.role": "ensemble", "tabcons.dataset": data.dataset.name})
+        mlflow.log_params(config.params())
+        mlflow.log_params({"n_train": len(data.train), "n_eval": len(data.evaluation), "labels": ",".join(map(str, data.dataset.labels))})
+        device = _device()
+        base = load_encoder(resolve_model_path(config.model))
+        trainer = EnsembleTrainer(base, len(data.dataset.labels), config.train, data.train, data.validation, device=device)
+        eval_prefix = trainer.prefix_for(data.evaluation)
+        members, probabilities, failed = train_ensemble_members(trainer, data, config, eval_prefix)
+        mlflow.log_metrics({"members_succeeded": len(members), "members_failed": len(failed)})
+        mlflow.set_tag("tabcons.members", f"{len(members)} of {config.seeds} succeeded")
+        if len(members) < 2:
+            raise TabconsInputError(
+                f"only {len(members)} of {config.seeds} members trained (failed seeds: {failed}); "
+                "multiplicity needs at least two: see the failed child runs' tabcons.error tags"
+            )
+        reference = members[0]
+        mlflow.set_tag("tabcons.reference_seed", str(reference.seed))
+        scorer = ConsistencyScorer(TorchBackend(reference.classifier, device), config.scorer)
+        scores = scorer.score(data.evaluation.input_ids, progress=True)
+        member_probabilities = np.stack(probabilities)
+        metrics = ensemble_metrics(data.evaluation.labels, members, member_probabilities, scores)
+        mlflow.log_metrics(metrics)
+        rows = per_row_table(data, members, member_probabilities, scores)
+        mlflow.log_table(rows, ROWS_ARTIFACT)
+        mlflow.log_figure(consistency_vs_range(scores.consistency, rows["prediction_range"].to_numpy()), "tabcons/consistency_vs_range.png")
+        mlflow.log_figure(consistency_histogram(scores.consistency, scores.certified, config.scorer.tau), "tabcons/consistency_histogram.png")
+        return TrainingOutcome(parent.info.run_id, data, trainer, members, member_probabilities, scores, metrics, rows)

@@ -1,0 +1,109 @@
+"""Shared fixtures: a tiny real BERT checkpoint, isolated MLflow stores, real databases.
+
+Services (PostgreSQL, Java for Spark) may be absent on a user's machine: tests
+that need one skip with the reason. CI sets TABCONS_REQUIRE_SERVICES=1, which
+turns those skips into failures so nothing silently stops being tested.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+POSTGRES_ADMIN_URI = os.environ.get("TABCONS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def require_service(reason: str) -> None:
+    """Skip, or fail in CI, when a service a test needs is missing."""
+    if os.environ.get("TABCONS_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"CI requires this service: {reason}")
+    pytest.skip(reason)
+
+
+def build_tiny_checkpoint(path: Path, *, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A randomly initialised BERT with the real MiniLM tokenizer, saved as a local checkpoint."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from mlflow_tabcons.model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=512,
+    )
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return str(build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-bert"), layers=4))
+
+
+@pytest.fixture()
+def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh SQLite tracking + registry store and artifact root for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.set_experiment(f"test-{uuid.uuid4().hex[:8]}")
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    del experiment
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_uri() -> str:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    try:
+        engine = sqlalchemy.create_engine(POSTGRES_ADMIN_URI, isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("select 1"))
+    except Exception as error:  # no driver, no server, refused
+        require_service(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URI}: {type(error).__name__}: {error}")
+    return POSTGRES_ADMIN_URI
+
+
+@pytest.fixture()
+def postgres_uri(postgres_admin_uri: str) -> str:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    import sqlalchemy
+
+    name = f"tabcons_{uuid.uuid4().hex[:12]}"
+    engine = sqlalchemy.create_engine(postgres_admin_uri, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'create database "{name}"'))
+    uri = postgres_admin_uri.rsplit("/", 1)[0] + f"/{name}"
+    yield uri
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
+    engine.dispose()
+
+
+@pytest.fixture()
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

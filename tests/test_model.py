@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+
+from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings, encode, pad
+from mlflow_tabcons.model import (
+    ClassifierSpec,
+    LoraSettings,
+    build_classifier,
+    load_classifier,
+    load_encoder,
+    load_tokenizer,
+    save_classifier,
+)
+from mlflow_tabcons.errors import TabconsInputError
+
+TEXTS = ["age: 42. job: clerk.", "age: 7.", "plasma glucose: 86. age: 24. Yes or no?", "credit amount: 1169."]
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir), load_encoder(tiny_model_dir)
+
+
+def test_frozen_prefix_path_equals_the_full_forward(parts):
+    tokenizer, base = parts
+    classifier = build_classifier(base, 3, lora=LoraSettings(layers=2), seed=0).eval()
+    depth = classifier.prefix_layers(2)
+    assert depth == 2  # the tiny model has 4 layers; LoRA wraps the top 2
+    ids, mask = pad(encode(tokenizer, TEXTS, None, 64).input_ids)
+    with torch.no_grad():
+        full = classifier(ids, mask)
+        split = classifier.logits_from_prefix(classifier.frozen_prefix(ids, mask, depth), mask, depth)
+        via_embeddings = classifier.logits_from_embeddings(classifier.embed(ids), mask)
+    torch.testing.assert_close(split, full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(via_embeddings, full)
+
+
+def test_lora_wraps_only_the_top_layers(parts):
+    _, base = parts
+    classifier = build_classifier(base, 2, lora=LoraSettings(layers=1, target_modules=("query", "value")), seed=0)
+    wrapped = {name.split(".layer.")[1].split(".")[0] for name, _ in classifier.named_parameters() if "lora_" in name}
+    assert wrapped == {"3"}
+    assert all(not p.requires_grad for n, p in classifier.named_parameters() if "lora_" not in n and "head" not in n)
+    with pytest.raises(TabconsInputError, match="do not fit this model"):
+        build_classifier(base, 2, lora=LoraSettings(target_modules=("no_such_module",)), seed=0)
+
+
+def test_seeds_change_members_and_the_same_seed_repeats(parts):
+    tokenizer, base = parts
+    rows = encode(tokenizer, TEXTS * 4, np.array([0, 1, 0, 1] * 4), 64)
+    trainer = EnsembleTrainer(base, 2, TrainSettings(epochs=2, batch_size=4, learning_rate=5e-3), rows, rows)
+    a, b, a_again = (trainer.train_member(s) for s in (0, 1, 0))
+    pa, pb, pa2 = (trainer.predict_proba(m.classifier, rows) for m in (a, b, a_again))
+    np.testing.assert_allclose(pa, pa2, atol=1e-6)
+    assert not np.allclose(pa, pb, atol=1e-4)
+    assert [h["epoch"] for h in a.history] == [1.0, 2.0]
+    assert {"train_loss", "val_accuracy", "val_balanced_accuracy", "val_auroc"} <= set(a.history[0])
+
+
+def test_cached_prefix_and_plain_training_agree_without_dropout(parts, tiny_model_dir):
+    """The cache is an optimisation: with dropout off it must train the same member."""
+    tokenizer, _ = parts
+    base = load_encoder(tiny_model_dir)
+    for module in base.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    rows = encode(tokenizer, TEXTS * 2, np.array([0, 1, 0, 1] * 2), 64)
+    lora = LoraSettings(layers=2, dropout=0.0)
+    kwargs = dict(epochs=2, batch_size=4, lora=lora, head_dropout=0.0)
+    cached = EnsembleTrainer(base, 2, TrainSettings(cache_prefix=True, **kwargs), rows)
+    plain = EnsembleTrainer(base, 2, TrainSettings(cache_prefix=False, **kwargs), rows)
+    assert cached.depth == 2 and plain.depth == 0
+    p_cached = cached.predict_proba(cached.train_member(5).classifier, rows)
+    p_plain = plain.predict_proba(plain.train_member(5).classifier, rows)
+    np.testing.assert_allclose(p_cached, p_plain, atol=1e-4)
+
+
+def test_save_and_load_round_trip(parts, tmp_path):
+    tokenizer, base = parts
+    classifier = build_classifier(base, 2, lora=LoraSettings(), seed=3).eval()
+    with torch.no_grad():  # make the adapters non-trivial so merging matters
+        for name, parameter in classifier.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.1)
+    ids, mask = pad(encode(tokenizer, TEXTS, None, 64).input_ids)
+    save_classifier(classifier, tmp_path / "m", ClassifierSpec(num_labels=2))
+    loaded, spec = load_classifier(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), classifier(ids, mask), atol=1e-5, rtol=1e-4)
+    assert spec.num_labels == 2 and not any("lora_" in n for n, _ in loaded.named_parameters())
+
+
+def test_unknown_model_is_a_clear_error():
+    with pytest.raises(TabconsInputError, match="cannot load model '/no/such/model'.*minilm"):
+        load_tokenizer("/no/such/model")

@@ -1,0 +1,124 @@
+"""The `main` job end to end on a tiny real BERT: runs, metrics, table, plots, failures, bad input."""
+
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+
+from mlflow_tabcons.cli import cli
+from mlflow_tabcons.finetune import EnsembleTrainer
+
+FAST = ["--shots", "24", "--epochs", "1", "--eval-rows", "20", "--k", "16", "--batch-size", "8"]
+
+
+def _train(tiny_model_dir, *extra):
+    return CliRunner().invoke(cli, ["train", "--data", "diabetes", "--model", tiny_model_dir, *FAST, *extra])
+
+
+def _runs():
+    return mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_model_dir):
+    result = _train(tiny_model_dir, "--seeds", "2")
+    assert result.exit_code == 0, result.output
+    runs = _runs()
+    parents = [r for r in runs if r.data.tags.get("tabcons.role") == "ensemble"]
+    assert len(parents) == 1
+    parent = parents[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.params["seed"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" for r in children + [parent])
+    for child in children:
+        history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "train_loss")
+        assert [m.step for m in history] == [1]
+        assert {"accuracy", "balanced_accuracy", "auroc", "val_accuracy", "majority_rate"} <= set(child.data.metrics)
+    metrics = parent.data.metrics
+    for key in ("accuracy_seed_0", "accuracy_seed_1", "accuracy_mean", "arbitrariness", "mean_pairwise_disagreement",
+                "mean_prediction_variance", "mean_prediction_range", "certified_fraction", "certified_fraction_lower",
+                "certified_fraction_upper", "members_succeeded", "balanced_accuracy_mean", "majority_rate"):
+        assert key in metrics, key
+    assert metrics["members_succeeded"] == 2
+    assert metrics["certified_fraction_lower"] <= metrics["certified_fraction"] <= metrics["certified_fraction_upper"]
+    assert parent.data.params["scorer.k"] == "16" and parent.data.params["seeds"] == "2"
+
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "tabcons")}
+    assert {"tabcons/rows.json", "tabcons/consistency_vs_range.png", "tabcons/consistency_histogram.png"} <= artifacts
+    table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
+    assert len(table) == 20
+    for column in ("label", "predicted", "probability_seed_0", "probability_seed_1", "consistency", "consistency_lcb",
+                   "certified", "prediction_variance", "prediction_range", "glu", "bmi"):
+        assert column in table.columns, column
+    assert np.all(table["consistency_lcb"] < table["consistency"])
+    spread = (table["probability_seed_0"] - table["probability_seed_1"]).abs()
+    np.testing.assert_allclose(table["prediction_range"], spread, atol=1e-6)
+    assert metrics["arbitrariness"] == pytest.approx(float((table["pairwise_disagreement"] > 0).mean()))
+    assert "certified fraction" in result.output
+
+
+def test_a_failing_member_marks_its_child_and_the_parent_carries_on(tracking_uri, tiny_model_dir, monkeypatch):
+    original = EnsembleTrainer.train_member
+
+    def flaky(self, seed, **kwargs):
+        if seed == 1:
+            raise RuntimeError("simulated out-of-memory")
+        return original(self, seed, **kwargs)
+
+    monkeypatch.setattr(EnsembleTrainer, "train_member", flaky)
+    result = _train(tiny_model_dir, "--seeds", "3")
+    assert result.exit_code == 0, result.output
+    runs = {r.info.run_name: r for r in _runs()}
+    assert runs["seed-1"].info.status == "FAILED"
+    assert runs["seed-1"].data.tags["tabcons.error"] == "RuntimeError: simulated out-of-memory"
+    assert runs["seed-0"].info.status == runs["seed-2"].info.status == "FINISHED"
+    parent = next(r for r in runs.values() if r.data.tags.get("tabcons.role") == "ensemble")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["members_succeeded"] == 2 and parent.data.metrics["members_failed"] == 1
+    assert parent.data.tags["tabcons.members"] == "2 of 3 succeeded"
+
+
+def test_too_few_members_fails_the_parent_with_the_reason(tracking_uri, tiny_model_dir, monkeypatch):
+    def broken(self, seed, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(EnsembleTrainer, "train_member", broken)
+    result = _train(tiny_model_dir, "--seeds", "2")
+    assert result.exit_code != 0
+    assert "only 0 of 2 members trained" in result.output
+    parent = next(r for r in _runs() if r.data.tags.get("tabcons.role") == "ensemble")
+    assert parent.info.status == "FAILED"
+
+
+@pytest.fixture()
+def bad_tables(tmp_path):
+    pd.DataFrame({"x": [1, 2, 3, 4], "y": [0, 0, 0, 0]}).to_csv(tmp_path / "one_class.csv", index=False)
+    pd.DataFrame({"x": [1, 2, 3, 4], "y": [0, None, 1, 1]}).to_csv(tmp_path / "nan_target.csv", index=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "no-such-dataset"], "unknown dataset 'no-such-dataset'"),
+        (["--data", "diabetes", "--target", "nope"], "target column 'nope' not in dataset"),
+        (["--data", "{tmp}/one_class.csv", "--target", "y"], "single class"),
+        (["--data", "{tmp}/nan_target.csv", "--target", "y"], "missing value"),
+        (["--data", "diabetes", "--shots", "5000"], "shots=5000 is larger than"),
+        (["--data", "diabetes", "--seeds", "1"], "seeds must be between 2"),
+        (["--data", "diabetes", "--k", "1"], "k must be between 2"),
+        (["--data", "diabetes", "--sigma", "0"], "sigma must be in"),
+        (["--data", "diabetes", "--sigma", "-0.5"], "sigma must be in"),
+        (["--data", "diabetes", "--alpha", "1.5"], "alpha must be in (0.0, 1.0)"),
+        (["--data", "diabetes", "--alpha", "0"], "alpha must be in"),
+        (["--data", "diabetes", "--eval-rows", "100000"], "eval_rows=100000 is larger than"),
+    ],
+)
+def test_bad_input_is_a_clear_error_and_leaves_no_run(tracking_uri, tiny_model_dir, bad_tables, args, message):
+    args = [a.replace("{tmp}", str(bad_tables)) for a in args]
+    result = CliRunner().invoke(cli, ["train", "--model", tiny_model_dir, *args])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert _runs() == []
