@@ -145,12 +145,32 @@ class ConsistencyScores:
         )
 
 
-def _row_key(seed: int, input_ids: torch.Tensor) -> bytes:
+def row_key(seed: int, input_ids: torch.Tensor) -> bytes:
+    """What a row's neighbours are drawn from: the scorer's seed and the row's own token ids."""
     return hashlib.blake2b(seed.to_bytes(8, "little") + input_ids.numpy().astype("<i8").tobytes(), digest_size=16).digest()
 
 
-def _neighbour_seed(row_key: bytes, index: int) -> int:
-    return int.from_bytes(hashlib.blake2b(row_key + index.to_bytes(8, "little"), digest_size=8).digest(), "little") >> 1
+def _neighbour_seed(key: bytes, index: int) -> int:
+    return int.from_bytes(hashlib.blake2b(key + index.to_bytes(8, "little"), digest_size=8).digest(), "little") >> 1
+
+
+def neighbour_directions(key: bytes, start: int, count: int, shape: tuple[int, int], noise: str = "sphere") -> torch.Tensor:
+    """Directions of neighbours start..start+count-1 of a row: unit Frobenius norm (sphere),
+    or Gaussian scaled so the expected squared norm is 1. Each depends only on (key, index)."""
+    out = torch.empty((count, *shape))
+    for j in range(count):
+        generator = torch.Generator().manual_seed(_neighbour_seed(key, start + j))
+        out[j] = torch.randn(shape, generator=generator)
+    if noise == "sphere":
+        return out / out.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
+    return out / float(shape[0] * shape[1]) ** 0.5
+
+
+def neighbourhood_radius(embedding: torch.Tensor, settings: ScorerSettings) -> float:
+    """sigma itself (absolute) or sigma times the row's embedding norm ||E(x)||_F (relative)."""
+    if settings.sigma_mode == "relative":
+        return settings.sigma * float(embedding.norm())
+    return settings.sigma
 
 
 @dataclass
@@ -162,15 +182,10 @@ class _Row:
     confidence: float
     z: list[float]
 
-    def directions(self, start: int, count: int, noise: str) -> torch.Tensor:
-        """Neighbours start..start+count-1: unit directions (sphere) or scaled Gaussian draws."""
-        out = torch.empty((count, *self.embedding.shape))
-        for j in range(count):
-            generator = torch.Generator().manual_seed(_neighbour_seed(self.key, start + j))
-            out[j] = torch.randn(self.embedding.shape, generator=generator)
-        if noise == "sphere":
-            return out / out.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
-        return out / float(self.embedding.numel()) ** 0.5
+    def neighbours(self, count: int, noise: str) -> torch.Tensor:
+        """The next ``count`` neighbours E(x) + r u_i of this row."""
+        directions = neighbour_directions(self.key, len(self.z), count, tuple(self.embedding.shape), noise)
+        return self.embedding[None] + self.radius * directions
 
 
 def _batches(sizes: Sequence[tuple[int, int, int]], max_tokens: int) -> list[list[tuple[int, int, int]]]:
@@ -241,9 +256,9 @@ class ConsistencyScorer:
         predicted = probabilities.argmax(axis=1)
         rows = []
         for i, (ids, embedding) in enumerate(zip(input_ids, embeddings)):
-            norm = float(embedding.norm())
-            radius = settings.sigma * norm if settings.sigma_mode == "relative" else settings.sigma
-            rows.append(_Row(embedding, _row_key(settings.seed, ids), radius, int(predicted[i]), float(probabilities[i, predicted[i]]), []))
+            c = int(predicted[i])
+            radius = neighbourhood_radius(embedding, settings)
+            rows.append(_Row(embedding, row_key(settings.seed, ids), radius, c, float(probabilities[i, c]), []))
         decided_lcb = np.full(len(rows), np.nan)
         active = list(range(len(rows)))
         bar = tqdm(total=len(rows) * settings.k, desc="scoring", unit="pass", disable=not progress or None)
@@ -275,8 +290,7 @@ class ConsistencyScorer:
         noise = self.settings.noise
         stacks = []
         for i, count, _ in batch:  # a row appears at most once per batch
-            row = rows[i]
-            stacks.append(row.embedding[None] + row.radius * row.directions(len(row.z), count, noise))
+            stacks.append(rows[i].neighbours(count, noise))
         probabilities = self._forward(stacks)
         at = 0
         for i, count, _ in batch:
