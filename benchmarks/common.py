@@ -66,3 +66,11 @@ def write_result(payload: dict[str, Any], out: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def update_result(section: str, payload: dict[str, Any], out: str | Path) -> Path:
+    """Merge one section into a shared results file (several scripts fill `reliability.json`)."""
+    path = Path(out)
+    existing = json.loads(path.read_text()) if path.exists() else {}
+    existing[section] = payload
+    return write_result(existing, path)
