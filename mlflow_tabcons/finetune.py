@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
-from mlflow_tabcons.model import LoraSettings, TabularClassifier, build_classifier
+from mlflow_tabcons.model import LoraSettings, TabularClassifier, build_classifier, with_attention_dropout
 
 RESAMPLING = ("none", "bootstrap", "subsample")
 
@@ -38,6 +38,8 @@ class TrainSettings:
     max_length: int = 256
     pooling: str = "mean"
     head_dropout: float = 0.1
+    # None keeps the checkpoint's value; 0 is ~1.7x faster on CPU (see with_attention_dropout)
+    attention_dropout: float | None = 0.0
     lora: LoraSettings = field(default_factory=LoraSettings)
     resample: str = "none"
     subsample: float = 0.8
@@ -54,6 +56,8 @@ class TrainSettings:
         check_int("max_length", self.max_length, minimum=8, maximum=8192)
         check_choice("resample", self.resample, RESAMPLING)
         check_float("subsample", self.subsample, low=0.0, high=1.0, low_open=True)
+        if self.attention_dropout is not None:
+            check_float("attention_dropout", self.attention_dropout, low=0.0, high=1.0, high_open=True)
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ class EnsembleTrainer:
             raise TabconsInputError("no training rows")
         if np.any(train.labels < 0):
             raise TabconsInputError("every training row needs a label")
-        self.base_encoder = base_encoder.to(device).eval()
+        self.base_encoder = with_attention_dropout(base_encoder, settings.attention_dropout).to(device).eval()
         for parameter in self.base_encoder.parameters():
             parameter.requires_grad_(False)
         self.num_labels = num_labels

@@ -179,6 +179,33 @@ def load_encoder(model_path: str) -> nn.Module:
         return AutoModel.from_pretrained(model_path)
 
 
+# Config fields that hold the dropout on attention probabilities, by model family:
+# BERT, RoBERTa, ELECTRA, DeBERTa use the first; DistilBERT and decoder LMs the second.
+ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout")
+
+
+def with_attention_dropout(encoder: nn.Module, probability: float | None) -> nn.Module:
+    """The encoder with its attention-probability dropout set to ``probability`` (None: as is).
+
+    With dropout on the attention probabilities, PyTorch's SDPA leaves its fused
+    kernel on the CPU: a training step of a layer then costs about 3.6x. Dropout
+    modules are built from the config, so the encoder is rebuilt from an edited
+    config and given the same weights; any Hugging Face model works this way.
+    """
+    if probability is None:
+        return encoder
+    check_float("attention_dropout", probability, low=0.0, high=1.0, high_open=True)
+    config = copy.deepcopy(encoder.config)
+    fields = [name for name in ATTENTION_DROPOUT_FIELDS if hasattr(config, name)]
+    if all(getattr(config, name) == probability for name in fields):
+        return encoder
+    for name in fields:
+        setattr(config, name, probability)
+    rebuilt = type(encoder)._from_config(config)
+    rebuilt.load_state_dict(encoder.state_dict())
+    return rebuilt.to(next(encoder.parameters()).device).train(encoder.training)
+
+
 def build_classifier(
     base_encoder: nn.Module,
     num_labels: int,

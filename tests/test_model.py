@@ -11,6 +11,7 @@ from mlflow_tabcons.model import (
     load_encoder,
     load_tokenizer,
     save_classifier,
+    with_attention_dropout,
 )
 from mlflow_tabcons.errors import TabconsInputError
 
@@ -67,7 +68,7 @@ def test_cached_prefix_and_plain_training_agree_without_dropout(parts, tiny_mode
             module.p = 0.0
     rows = encode(tokenizer, TEXTS * 2, np.array([0, 1, 0, 1] * 2), 64)
     lora = LoraSettings(layers=2, dropout=0.0)
-    kwargs = dict(epochs=2, batch_size=4, lora=lora, head_dropout=0.0)
+    kwargs = dict(epochs=2, batch_size=4, lora=lora, head_dropout=0.0, attention_dropout=None)
     cached = EnsembleTrainer(base, 2, TrainSettings(cache_prefix=True, **kwargs), rows)
     plain = EnsembleTrainer(base, 2, TrainSettings(cache_prefix=False, **kwargs), rows)
     assert cached.depth == 2 and plain.depth == 0
@@ -94,3 +95,18 @@ def test_save_and_load_round_trip(parts, tmp_path):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(TabconsInputError, match="cannot load model '/no/such/model'.*minilm"):
         load_tokenizer("/no/such/model")
+
+
+def test_attention_dropout_is_rebuilt_with_the_same_weights(parts):
+    tokenizer, base = parts
+    assert base.config.attention_probs_dropout_prob == pytest.approx(0.1)
+    quiet = with_attention_dropout(base, 0.0)
+    assert quiet is not base and quiet.config.attention_probs_dropout_prob == 0.0
+    assert base.config.attention_probs_dropout_prob == pytest.approx(0.1)  # the shared base is untouched
+    assert with_attention_dropout(quiet, 0.0) is quiet and with_attention_dropout(base, None) is base
+    ids, mask = pad(encode(tokenizer, TEXTS, None, 64).input_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(quiet.eval()(ids, attention_mask=mask).last_hidden_state,
+                                   base.eval()(ids, attention_mask=mask).last_hidden_state)
+    with pytest.raises(TabconsInputError, match="attention_dropout"):
+        with_attention_dropout(base, 1.5)

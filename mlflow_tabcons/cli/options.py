@@ -75,6 +75,8 @@ training_options = _stack(
                  help="Comma-separated module names LoRA wraps."),
     click.option("--lora-layers", type=int, default=_DEFAULT_LORA.layers, show_default=True,
                  help="Wrap only the top N layers (0: all); the frozen layers below are computed once."),
+    click.option("--attention-dropout", type=float, default=_DEFAULT_TRAIN.attention_dropout, show_default=True,
+                 help="Dropout on attention probabilities while training (-1: the checkpoint's own)."),
     click.option("--resample", type=click.Choice(RESAMPLING), default=_DEFAULT_TRAIN.resample, show_default=True,
                  help="Vary each member's training rows too: bootstrap, or a random subsample."),
 )
@@ -119,6 +121,7 @@ def train_settings_from_options(options: dict[str, Any]) -> TrainSettings:
         head_learning_rate=options["head_learning_rate"],
         class_weight=options["class_weight"],
         resample=options["resample"],
+        attention_dropout=None if options["attention_dropout"] < 0 else options["attention_dropout"],
         lora=lora,
     )
 
