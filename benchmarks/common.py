@@ -39,6 +39,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+class Clock:
+    """Wall and process-CPU seconds since creation; CPU time is steadier on a shared machine."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def peak_matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
     """The fp32 matrix-multiply rate this process gets right now: the roof for every other figure."""
     a, b = torch.randn(size, size), torch.randn(size, size)

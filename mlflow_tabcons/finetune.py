@@ -38,7 +38,7 @@ class TrainSettings:
     max_length: int = 256
     pooling: str = "mean"
     head_dropout: float = 0.1
-    # None keeps the checkpoint's value; 0 is ~1.7x faster on CPU (see with_attention_dropout)
+    # None keeps the checkpoint's value; 0 keeps SDPA on its fused kernel (see with_attention_dropout)
     attention_dropout: float | None = 0.0
     lora: LoraSettings = field(default_factory=LoraSettings)
     resample: str = "none"

@@ -188,7 +188,8 @@ def with_attention_dropout(encoder: nn.Module, probability: float | None) -> nn.
     """The encoder with its attention-probability dropout set to ``probability`` (None: as is).
 
     With dropout on the attention probabilities, PyTorch's SDPA leaves its fused
-    kernel on the CPU: a training step of a layer then costs about 3.6x. Dropout
+    kernel: a credit-g member (128 shots, top-3 LoRA) took 1.3x the CPU time
+    with it, for the same accuracy (0.69 against 0.68, one seed). Dropout
     modules are built from the config, so the encoder is rebuilt from an edited
     config and given the same weights; any Hugging Face model works this way.
     """
