@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ from mlflow_tabcons.finetune import EncodedRows, EnsembleTrainer, Member, TrainS
 from mlflow_tabcons.metrics import classification_scores, majority_rate
 from mlflow_tabcons.model import DEFAULT_MODEL, load_encoder, load_tokenizer, resolve_model_path
 from mlflow_tabcons.plots import consistency_histogram, consistency_vs_range
+from mlflow_tabcons.registration import DEFAULT_REGISTER, register_reference, registered_model_name
 from mlflow_tabcons.serialize import TEMPLATES, RowSerializer
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,8 @@ class TrainingConfig:
     split_seed: int = 0
     train: TrainSettings = field(default_factory=TrainSettings)
     scorer: ScorerSettings = field(default_factory=ScorerSettings)
+    # registered model name ({dataset} is filled in); None: log and register nothing
+    register: str | None = DEFAULT_REGISTER
 
     def __post_init__(self) -> None:
         check_int("seeds", self.seeds, minimum=2, maximum=1000)
@@ -56,6 +60,8 @@ class TrainingConfig:
         check_int("eval_rows", self.eval_rows, minimum=0)
         check_int("split_seed", self.split_seed, minimum=0)
         check_choice("template", self.template, TEMPLATES)
+        if self.register is not None:
+            registered_model_name(self.register, self.data)  # refuse a bad name before training, not after
 
     def params(self) -> dict[str, Any]:
         """Flat parameters for MLflow (nested settings become dotted keys)."""
@@ -122,6 +128,7 @@ class TrainingOutcome:
     scores: ConsistencyScores
     metrics: dict[str, float]
     rows: pd.DataFrame
+    model_version: Any = None  # the registered reference member (an MLflow ModelVersion), when registered
 
 
 def _configure_threads() -> None:
@@ -239,6 +246,17 @@ def ensemble_metrics(
     return {k: v for k, v in metrics.items() if np.isfinite(v)}
 
 
+def _log_new_params(run: mlflow.ActiveRun, params: dict[str, Any]) -> None:
+    """Log the parameters the run does not have yet.
+
+    Under `mlflow run` the project's own parameters are logged before the job
+    starts (an empty string for an unset one), and MLflow refuses to change a
+    logged value; what the user passed is then already on record.
+    """
+    logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
+    mlflow.log_params({key: value for key, value in params.items() if key not in logged})
+
+
 def run_training(config: TrainingConfig) -> TrainingOutcome:
     """Run the whole `main` job under a parent run (the active one under `mlflow run`)."""
     _configure_threads()
@@ -248,13 +266,15 @@ def run_training(config: TrainingConfig) -> TrainingOutcome:
     run_name = f"{data.dataset.name}-{config.shots}shots-{config.seeds}seeds"
     with mlflow.start_run(run_name=run_name) as parent:
         mlflow.set_tags({"tabcons.role": "ensemble", "tabcons.dataset": data.dataset.name})
-        mlflow.log_params(config.params())
+        _log_new_params(parent, config.params())
         mlflow.log_params({"n_train": len(data.train), "n_eval": len(data.evaluation), "labels": ",".join(map(str, data.dataset.labels))})
         device = _device()
         base = load_encoder(resolve_model_path(config.model))
         trainer = EnsembleTrainer(base, len(data.dataset.labels), config.train, data.train, data.validation, device=device)
         eval_prefix = trainer.prefix_for(data.evaluation)
+        started = time.perf_counter()
         members, probabilities, failed = train_ensemble_members(trainer, data, config, eval_prefix)
+        seconds_train = time.perf_counter() - started
         mlflow.log_metrics({"members_succeeded": len(members), "members_failed": len(failed)})
         mlflow.set_tag("tabcons.members", f"{len(members)} of {config.seeds} succeeded")
         if len(members) < 2:
@@ -265,12 +285,18 @@ def run_training(config: TrainingConfig) -> TrainingOutcome:
         reference = members[0]
         mlflow.set_tag("tabcons.reference_seed", str(reference.seed))
         scorer = ConsistencyScorer(TorchBackend(reference.classifier, device), config.scorer)
+        started = time.perf_counter()
         scores = scorer.score(data.evaluation.input_ids, progress=True)
+        seconds_score = time.perf_counter() - started
         member_probabilities = np.stack(probabilities)
         metrics = ensemble_metrics(data.evaluation.labels, members, member_probabilities, scores)
+        metrics.update(seconds_train=seconds_train, seconds_score=seconds_score)  # the cost the score replaces, and its own
         mlflow.log_metrics(metrics)
         rows = per_row_table(data, members, member_probabilities, scores)
         mlflow.log_table(rows, ROWS_ARTIFACT)
         mlflow.log_figure(consistency_vs_range(scores.consistency, rows["prediction_range"].to_numpy()), "tabcons/consistency_vs_range.png")
         mlflow.log_figure(consistency_histogram(scores.consistency, scores.certified, config.scorer.tau), "tabcons/consistency_histogram.png")
-        return TrainingOutcome(parent.info.run_id, data, trainer, members, member_probabilities, scores, metrics, rows)
+        outcome = TrainingOutcome(parent.info.run_id, data, trainer, members, member_probabilities, scores, metrics, rows)
+        if config.register:
+            outcome.model_version = register_reference(outcome, config)
+        return outcome

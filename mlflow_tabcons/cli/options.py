@@ -18,6 +18,7 @@ from mlflow_tabcons.consistency import NOISES, SIGMA_MODES, ScorerSettings
 from mlflow_tabcons.finetune import RESAMPLING, TrainSettings
 from mlflow_tabcons.model import DEFAULT_MODEL, LoraSettings
 from mlflow_tabcons.pipeline import TrainingConfig
+from mlflow_tabcons.registration import DEFAULT_REGISTER
 from mlflow_tabcons.serialize import TEMPLATES
 
 _DEFAULT_TRAIN = TrainSettings()
@@ -99,6 +100,16 @@ scorer_options = _stack(
     click.option("--score-seed", type=int, default=_DEFAULT_SCORER.seed, show_default=True),
 )
 
+calibration_option = click.option(
+    "--calibration", default=None, callback=_blank_is_none,
+    help="JSON file written by `tabcons calibrate --out`, or its MLflow run id: sets --sigma, --sigma-mode and --k.",
+)
+
+register_option = click.option(
+    "--register", default=DEFAULT_REGISTER, show_default=True, callback=_blank_is_none,
+    help="Registered model name for the reference member ({dataset}: the dataset's name); 'none' registers nothing.",
+)
+
 experiment_option = click.option(
     "--experiment", default=None, callback=_blank_is_none,
     help="MLflow experiment name (under `mlflow run` the run's own experiment is used).",
@@ -127,7 +138,7 @@ def train_settings_from_options(options: dict[str, Any]) -> TrainSettings:
 
 
 def scorer_settings_from_options(options: dict[str, Any]) -> ScorerSettings:
-    return ScorerSettings(
+    settings = ScorerSettings(
         k=options["k"],
         sigma=options["sigma"],
         sigma_mode=options["sigma_mode"],
@@ -139,6 +150,11 @@ def scorer_settings_from_options(options: dict[str, Any]) -> ScorerSettings:
         early_stop=options["early_stop"],
         seed=options["score_seed"],
     )
+    if options.get("calibration"):
+        from mlflow_tabcons.calibration import apply_calibration, load_calibration
+
+        settings = apply_calibration(settings, load_calibration(options["calibration"]))
+    return settings
 
 
 def training_config_from_options(options: dict[str, Any]) -> TrainingConfig:
@@ -153,6 +169,7 @@ def training_config_from_options(options: dict[str, Any]) -> TrainingConfig:
         eval_rows=options["eval_rows"],
         model=options["model"],
         experiment=options["experiment"],
+        register=options.get("register"),
         split_seed=options["split_seed"],
         train=train_settings_from_options(options),
         scorer=scorer_settings_from_options(options),

@@ -5,8 +5,10 @@ from __future__ import annotations
 import click
 
 from mlflow_tabcons.cli.options import (
+    calibration_option,
     data_options,
     experiment_option,
+    register_option,
     scorer_options,
     training_config_from_options,
     training_options,
@@ -18,7 +20,9 @@ from mlflow_tabcons.cli.options import (
 @data_options
 @training_options
 @scorer_options
+@calibration_option
 @experiment_option
+@register_option
 @user_errors
 def train(**options: object) -> None:
     """Fine-tune a seed ensemble, measure its multiplicity, score and certify the reference member."""
@@ -32,3 +36,6 @@ def train(**options: object) -> None:
         f"arbitrariness {metrics['arbitrariness']:.3f}, certified fraction {metrics['certified_fraction']:.3f} "
         f"[{metrics['certified_fraction_lower']:.3f}, {metrics['certified_fraction_upper']:.3f}]"
     )
+    if outcome.model_version is not None:
+        version = outcome.model_version
+        click.echo(f"registered the reference member as models:/{version.name}/{version.version}")

@@ -1,0 +1,107 @@
+"""The end of the `main` job: package the reference member with the flavor, register it, sign its evidence.
+
+The reference member is logged in the parent run as the LoggedModel
+``reference`` (its run id is the parent's), registered as a new version of
+``--register NAME``, carries ``evidence.json`` inside the model, and gets the
+signed ``tabcons.evidence`` tag the promotion gate reads. The parent run is
+tagged with the registered name and version.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+
+from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.evidence import Evidence, attach_evidence, encode_predictions, eval_digest
+from mlflow_tabcons.flavor import log_model, tabcons_signature
+from mlflow_tabcons.flavor.packaged import TabconsModel
+from mlflow_tabcons.model import ClassifierSpec
+
+if TYPE_CHECKING:
+    from mlflow_tabcons.pipeline import TrainingConfig, TrainingOutcome
+
+DEFAULT_REGISTER = "tabcons-{dataset}"
+LOGGED_MODEL_NAME = "reference"
+EXAMPLE_ROWS = 2
+
+
+def registered_model_name(template: str, dataset: str) -> str:
+    """``--register`` with ``{dataset}`` filled in by the dataset's name, as a registry-safe name."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset).strip("-").lower() or "table"
+    name = template.replace("{dataset}", slug).strip()
+    if not name or "/" in name or ":" in name:
+        raise TabconsInputError(f"--register must be a model name without '/' or ':', got {template!r}")
+    return name
+
+
+def packaged_reference(outcome: TrainingOutcome, config: TrainingConfig) -> TabconsModel:
+    """The reference member with its tokenizer, serializer, labels and scorer settings."""
+    data, train = outcome.data, config.train
+    dataset = data.dataset
+    spec = ClassifierSpec(
+        num_labels=len(dataset.labels),
+        pooling=train.pooling,
+        head_dropout=train.head_dropout,
+        base_model=config.model,
+        lora=asdict(train.lora),
+    )
+    features = dataset.frame[dataset.features]
+    return TabconsModel(
+        classifier=outcome.members[0].classifier,
+        spec=spec,
+        tokenizer=data.tokenizer,
+        serializer=data.serializer,
+        labels=list(dataset.labels),
+        settings=config.scorer,
+        max_length=train.max_length,
+        required=[c for c in dataset.features if not features[c].isna().any()],
+    )
+
+
+def evidence_from_outcome(outcome: TrainingOutcome, config: TrainingConfig) -> Evidence:
+    """The facts the promotion gate reads, computed on the evaluation rows at training time."""
+    metrics, scorer = outcome.metrics, config.scorer
+    return Evidence(
+        run_id=outcome.parent_run_id,
+        certified_fraction=metrics["certified_fraction"],
+        certified_fraction_lower=metrics["certified_fraction_lower"],
+        certified_fraction_upper=metrics["certified_fraction_upper"],
+        n_eval=len(outcome.data.evaluation),
+        k=scorer.k,
+        sigma=scorer.sigma,
+        sigma_mode=scorer.sigma_mode,
+        alpha=scorer.alpha,
+        tau=scorer.tau,
+        bound=scorer.bound,
+        eval_digest=eval_digest(outcome.data.eval_frame),
+        accuracy=metrics[f"accuracy_seed_{outcome.members[0].seed}"],
+        arbitrariness=metrics["arbitrariness"],
+        predictions=encode_predictions(outcome.scores.predicted.tolist()),
+    )
+
+
+def register_reference(outcome: TrainingOutcome, config: TrainingConfig, *, backend: str = "torch") -> ModelVersion:
+    """Log the reference member in the active (parent) run, register it, attach its signed evidence."""
+    name = registered_model_name(config.register or DEFAULT_REGISTER, outcome.data.dataset.name)
+    model = packaged_reference(outcome, config)
+    evidence = evidence_from_outcome(outcome, config)
+    model.evidence = evidence.to_dict()
+    dataset = outcome.data.dataset
+    info = log_model(
+        model,
+        LOGGED_MODEL_NAME,
+        backend=backend,
+        signature=tabcons_signature(model, dataset.frame[dataset.features]),
+        input_example=outcome.data.eval_frame[dataset.features].head(EXAMPLE_ROWS),
+        registered_model_name=name,
+    )
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(name, str(info.registered_model_version))
+    attach_evidence(client, name, version.version, evidence)
+    mlflow.set_tags({"tabcons.registered_model": name, "tabcons.registered_version": str(version.version)})
+    return version
