@@ -1,0 +1,28 @@
+"""Promotion policy: rules from YAML, verdicts as pure functions, the audit trail, and the gated registry store.
+
+``store`` imports MLflow's SQLAlchemy registry; import it only where a store is built.
+"""
+
+from __future__ import annotations
+
+from mlflow_tabcons.policy.audit import AuditRecord, read_audit
+from mlflow_tabcons.policy.loading import POLICY_ENV, PolicyError, load_policy, parse_policy
+from mlflow_tabcons.policy.rules import CertifiedFractionRule, Policy, RuleSet, Target
+from mlflow_tabcons.policy.verdict import Check, Incumbent, Verdict, decide
+
+__all__ = [
+    "POLICY_ENV",
+    "AuditRecord",
+    "CertifiedFractionRule",
+    "Check",
+    "Incumbent",
+    "Policy",
+    "PolicyError",
+    "RuleSet",
+    "Target",
+    "Verdict",
+    "decide",
+    "load_policy",
+    "parse_policy",
+    "read_audit",
+]

@@ -1,0 +1,124 @@
+"""The audit trail: one row per gate decision in the registry's own database, and who asked.
+
+The rows live in ``tabcons_audit`` beside MLflow's registry tables and are
+written in the same transaction as the change they judge, so an allowed
+promotion and its record commit together. ``tabcons_locks`` holds one row per
+model name for databases without advisory locks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import json
+import os
+import time
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from mlflow_tabcons.policy.verdict import Verdict
+
+_METADATA = sa.MetaData()
+AUDIT_TABLE = sa.Table(
+    "tabcons_audit",
+    _METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("model", sa.String(256), nullable=False, index=True),
+    sa.Column("version", sa.String(64)),
+    sa.Column("target", sa.String(300), nullable=False),
+    sa.Column("action", sa.String(64), nullable=False),
+    sa.Column("allowed", sa.Boolean, nullable=False),
+    sa.Column("actor", sa.String(256), nullable=False),
+    sa.Column("break_glass", sa.Text),
+    sa.Column("summary", sa.Text, nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+)
+LOCK_TABLE = sa.Table(
+    "tabcons_locks",
+    _METADATA,
+    sa.Column("name", sa.String(256), primary_key=True),
+    sa.Column("touched", sa.BigInteger, nullable=False),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    created_at: float
+    model: str
+    version: str | None
+    target: str
+    action: str
+    allowed: bool
+    actor: str
+    break_glass: str | None
+    summary: str
+    detail: dict[str, Any]
+
+
+def ensure_tables(engine: sa.engine.Engine) -> None:
+    """Create the tables if missing; several server workers may race to do it, so a lost race is fine."""
+    try:
+        _METADATA.create_all(engine, checkfirst=True)
+    except sa.exc.SQLAlchemyError:
+        if not sa.inspect(engine).has_table(AUDIT_TABLE.name):
+            raise
+
+
+def current_actor() -> str:
+    """The authenticated REST user when MLflow's auth app knows one, else the client-side user name."""
+    try:
+        from flask import g, has_request_context, request
+    except ImportError:  # flask ships with mlflow; this guards a stripped install
+        has_request_context = lambda: False  # noqa: E731
+    if has_request_context():
+        user = getattr(g, "mlflow_authenticated_user", None)
+        if user is None and request.authorization is not None:
+            user = request.authorization.username
+        user = getattr(user, "username", user)
+        return f"{user} via REST" if user else f"unauthenticated REST client {request.remote_addr}"
+    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+
+
+def record(session: Session, *, action: str, model: str, version: str | None, target: str,
+           allowed: bool, summary: str, detail: dict[str, Any], break_glass: str | None = None) -> None:
+    session.execute(
+        AUDIT_TABLE.insert().values(
+            created_at=int(time.time() * 1000),
+            model=model,
+            version=None if version is None else str(version),
+            target=target,
+            action=action,
+            allowed=allowed,
+            actor=current_actor()[:256],
+            break_glass=break_glass,
+            summary=summary,
+            detail=json.dumps(detail, sort_keys=True),
+        )
+    )
+
+
+def record_verdict(session: Session, verdict: Verdict, action: str) -> None:
+    record(
+        session, action=action, model=verdict.model, version=verdict.version, target=verdict.target.key,
+        allowed=verdict.allowed, summary=verdict.summary(), detail=verdict.to_dict(), break_glass=verdict.break_glass,
+    )
+
+
+def read_audit(engine: sa.engine.Engine, model: str | None = None, limit: int | None = None) -> list[AuditRecord]:
+    """Audit rows, oldest first, for one model or all."""
+    query = sa.select(AUDIT_TABLE).order_by(AUDIT_TABLE.c.id)
+    if model is not None:
+        query = query.where(AUDIT_TABLE.c.model == model)
+    with engine.connect() as connection:
+        if not sa.inspect(connection).has_table(AUDIT_TABLE.name):
+            return []
+        rows = connection.execute(query).mappings().all()
+    records = [
+        AuditRecord(**{**row, "created_at": row["created_at"] / 1000, "detail": json.loads(row["detail"])})
+        for row in rows
+    ]
+    return records[-limit:] if limit else records
