@@ -33,6 +33,8 @@ from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 from mlflow_tabcons.errors import TabconsInputError, check_float, check_int
 
 EVIDENCE_TAG = "tabcons.evidence"
+# Set on a version by a person to override one refusal; the gate consumes it and audits it.
+BREAK_GLASS_TAG = "tabcons.break_glass"
 # Tag keys only the gate itself may write: evidence, verdicts, audit markers.
 RESERVED_TAG_PREFIXES = ("tabcons.evidence", "tabcons.verdict", "tabcons.audit")
 KEY_ENV = "TABCONS_EVIDENCE_KEY"

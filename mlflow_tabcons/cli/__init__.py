@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import click
 
+from mlflow_tabcons.cli.audit import audit
+from mlflow_tabcons.cli.promote import promote
+from mlflow_tabcons.cli.server import server
 from mlflow_tabcons.cli.train import train
 
 
@@ -14,3 +17,6 @@ def cli() -> None:
 
 
 cli.add_command(train)
+cli.add_command(promote)
+cli.add_command(server)
+cli.add_command(audit)

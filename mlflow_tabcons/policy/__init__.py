@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from mlflow_tabcons.policy.audit import AuditRecord, read_audit
+from mlflow_tabcons.policy.audit import AuditRecord, audit_trail, read_audit
 from mlflow_tabcons.policy.loading import POLICY_ENV, PolicyError, load_policy, parse_policy
 from mlflow_tabcons.policy.rules import CertifiedFractionRule, Policy, RuleSet, Target
 from mlflow_tabcons.policy.verdict import Check, Incumbent, Verdict, decide
@@ -19,6 +19,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "RuleSet",
+    "audit_trail",
     "Target",
     "Verdict",
     "decide",

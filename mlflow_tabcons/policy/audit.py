@@ -18,6 +18,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.policy.verdict import Verdict
 
 _METADATA = sa.MetaData()
@@ -122,3 +123,18 @@ def read_audit(engine: sa.engine.Engine, model: str | None = None, limit: int | 
         for row in rows
     ]
     return records[-limit:] if limit else records
+
+
+def audit_trail(registry_uri: str, model: str | None = None, limit: int | None = None) -> list[AuditRecord]:
+    """The audit rows from a registry database URI (``tabcons+sqlite:///mlflow.db`` or the plain database URI)."""
+    uri = registry_uri.removeprefix("tabcons+")
+    if uri.split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "postgresql", "mysql"):
+        raise TabconsInputError(
+            f"the audit trail lives in the registry database; {registry_uri!r} is not a database URI "
+            "(over REST, read the versions' tabcons.verdict.* tags instead)"
+        )
+    engine = sa.create_engine(uri)
+    try:
+        return read_audit(engine, model, limit)
+    finally:
+        engine.dispose()

@@ -30,7 +30,12 @@ class Target:
         return self.kind if self.kind == "copy" else f"{self.kind}:{self.name}"
 
     def describe(self) -> str:
-        return {"alias": f"alias @{self.name}", "stage": f"stage {self.name}", "copy": "copy into this model"}[self.kind]
+        return {"alias": f"alias @{self.name}", "stage": f"stage {self.name}", "copy": f"copy from {self.name}"}[self.kind]
+
+    @property
+    def verdict_tag(self) -> str:
+        """The model-version tag showing the current verdict, visible in the MLflow UI."""
+        return "tabcons.verdict." + (self.name if self.kind == "alias" else f"{self.kind}.{self.name}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 from sqlalchemy.orm import Session
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.evidence import EVIDENCE_TAG, Evidence, evidence_key, is_reserved_tag, verify_evidence
+from mlflow_tabcons.evidence import BREAK_GLASS_TAG, EVIDENCE_TAG, Evidence, evidence_key, is_reserved_tag, verify_evidence
 from mlflow_tabcons.policy import audit
 from mlflow_tabcons.policy.loading import PolicyError, load_policy, policy_path_from_env
 from mlflow_tabcons.policy.locking import lock_models
@@ -40,7 +40,6 @@ from mlflow_tabcons.policy.rules import Policy, RuleSet, Target
 from mlflow_tabcons.policy.verdict import Incumbent, Verdict, decide
 
 SCHEME_PREFIX = "tabcons+"
-BREAK_GLASS_TAG = "tabcons.break_glass"
 VERDICT_TAG_PREFIX = "tabcons.verdict."
 
 
@@ -56,10 +55,6 @@ def database_uri(store_uri: str) -> str:
     if not store_uri.startswith(SCHEME_PREFIX):
         raise TabconsInputError(f"a tabcons registry URI starts with {SCHEME_PREFIX!r}, got {store_uri!r}")
     return store_uri[len(SCHEME_PREFIX):]
-
-
-def verdict_tag_key(target: Target) -> str:
-    return VERDICT_TAG_PREFIX + (target.name if target.kind == "alias" else f"stage.{target.name}")
 
 
 class PolicyFile:
@@ -206,7 +201,7 @@ class GatedRegistryStore(SqlAlchemyStore):
             for verdict in verdicts:
                 audit.record_verdict(session, verdict, action)
                 if tag_verdicts:
-                    tag = ModelVersionTag(verdict_tag_key(verdict.target), verdict.summary()[:5000])
+                    tag = ModelVersionTag(verdict.target.verdict_tag, verdict.summary()[:5000])
                     super().set_model_version_tag(verdict.model, verdict.version, tag)
             refused = [v for v in verdicts if not v.allowed]
             result = None if refused else apply()
