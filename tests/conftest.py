@@ -107,3 +107,38 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def build_tabcons_model(model_dir: str, *, seed: int = 0, k: int = 16):
+    """A packaged diabetes classifier (seeded LoRA and head, not trained): enough to test the flavor fast."""
+    from mlflow_tabcons.consistency import ScorerSettings
+    from mlflow_tabcons.data import load_dataset
+    from mlflow_tabcons.flavor import TabconsModel
+    from mlflow_tabcons.model import ClassifierSpec, LoraSettings, build_classifier, load_encoder, load_tokenizer
+    from mlflow_tabcons.serialize import RowSerializer
+
+    dataset = load_dataset("diabetes")
+    classifier = build_classifier(load_encoder(model_dir), len(dataset.labels), lora=LoraSettings(), seed=seed).eval()
+    return TabconsModel(
+        classifier=classifier,
+        spec=ClassifierSpec(len(dataset.labels), base_model=model_dir),
+        tokenizer=load_tokenizer(model_dir),
+        serializer=RowSerializer(dataset.features, dataset.dictionary, dataset.question),
+        labels=dataset.labels,
+        settings=ScorerSettings(k=k),
+        max_length=128,
+        required=list(dataset.features),
+    )
+
+
+@pytest.fixture(scope="session")
+def tabcons_model(tiny_model_dir: str):
+    return build_tabcons_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def diabetes_features():
+    from mlflow_tabcons.data import load_dataset
+
+    dataset = load_dataset("diabetes")
+    return dataset.frame[dataset.features]

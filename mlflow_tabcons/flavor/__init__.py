@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,9 @@ def tabcons_signature(model: TabconsModel, features: pd.DataFrame | None = None)
         missing = [c for c in model.columns if c not in features.columns]
         if missing:
             raise TabconsInputError(f"the example table lacks feature column(s) {missing}")
-        inferred = infer_signature(features[model.columns]).inputs
+        with warnings.catch_warnings():  # missing values are checked per column by the model itself
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer", category=UserWarning)
+            inferred = infer_signature(features[model.columns]).inputs
         required = set(model.required)
         inputs = Schema([ColSpec(spec.type, spec.name, required=spec.name in required) for spec in inferred.inputs])
     outputs = Schema(
