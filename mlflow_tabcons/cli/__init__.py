@@ -5,6 +5,8 @@ from __future__ import annotations
 import click
 
 from mlflow_tabcons.cli.audit import audit
+from mlflow_tabcons.cli.calibrate import calibrate
+from mlflow_tabcons.cli.evaluate import evaluate
 from mlflow_tabcons.cli.promote import promote
 from mlflow_tabcons.cli.server import server
 from mlflow_tabcons.cli.train import train
@@ -17,6 +19,8 @@ def cli() -> None:
 
 
 cli.add_command(train)
+cli.add_command(evaluate)
+cli.add_command(calibrate)
 cli.add_command(promote)
 cli.add_command(server)
 cli.add_command(audit)
