@@ -90,6 +90,7 @@ def test_inference_params_change_the_answer_as_declared(pyfunc_model, diabetes_f
     assert np.all(looser["consistency_lcb"] > default["consistency_lcb"])
     fast = pyfunc_model.predict(rows, params={"score": False})
     assert fast["consistency"].isna().all() and fast["consistency_lcb"].isna().all() and not fast["certified"].any()
+    assert fast.loc[0, "consistency"] is None  # JSON null when served, not NaN
     assert list(fast["prediction"]) == list(default["prediction"])
     np.testing.assert_allclose(fast["probability"], default["probability"])
 

@@ -116,7 +116,7 @@ class TabconsModel:
         """One record per row: prediction, probability, consistency, consistency_lcb, certified.
 
         ``score=False`` skips the k neighbour passes: consistency and its bound
-        are NaN and ``certified`` is false (nothing was certified).
+        are None (JSON null when served) and ``certified`` is false (nothing was certified).
         """
         if not isinstance(score, (bool, np.bool_)):
             raise TabconsInputError(f"score must be true or false, got {score!r}")
@@ -131,14 +131,14 @@ class TabconsModel:
             probabilities = scorer.predict_proba(input_ids)
             predicted = probabilities.argmax(axis=1)
             probability = probabilities[np.arange(len(predicted)), predicted]
-            consistency = lcb = np.full(len(predicted), np.nan)
+            consistency = lcb = np.full(len(predicted), None, dtype=object)
             certified = np.zeros(len(predicted), dtype=bool)
         return pd.DataFrame(
             {
                 "prediction": [self.labels[c] for c in predicted],
                 "probability": np.asarray(probability, dtype=np.float64),
-                "consistency": np.asarray(consistency, dtype=np.float64),
-                "consistency_lcb": np.asarray(lcb, dtype=np.float64),
+                "consistency": consistency,
+                "consistency_lcb": lcb,
                 "certified": np.asarray(certified, dtype=bool),
             }
         )

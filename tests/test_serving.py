@@ -1,0 +1,179 @@
+"""`mlflow models serve -m models:/NAME@ALIAS` on a real server: answers, params, and refusals that keep it serving."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import require_service
+
+from mlflow_tabcons import flavor
+
+requests = pytest.importorskip("requests")
+
+pytestmark = pytest.mark.slow
+
+NAME, ALIAS = "tabcons-serving-test", "live"
+STARTUP_SECONDS = 240
+
+
+def _free_port() -> int:
+    try:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    except OSError as error:
+        require_service(f"no free TCP port on 127.0.0.1: {error}")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tabcons_model, diabetes_features):
+    """A SQLite registry holding the model as NAME with alias @live."""
+    root = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment("serving", artifact_location=str(root / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment):
+        info = flavor.log_model(tabcons_model, "model", input_example=diabetes_features.head(2), registered_model_name=NAME)
+    mlflow.MlflowClient().set_registered_model_alias(NAME, ALIAS, info.registered_model_version)
+    yield uri
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="module")
+def server(registry, tmp_path_factory):
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
+    # the server runs `uvicorn` from PATH: the one installed next to this Python
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": registry, "MLFLOW_REGISTRY_URI": registry}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@{ALIAS}", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_SECONDS
+    try:
+        while True:
+            if process.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log.read()[-3000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"mlflow models serve did not answer /ping within {STARTUP_SECONDS}s:\n{log.read()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def local_model(registry):
+    return mlflow.pyfunc.load_model(f"models:/{NAME}@{ALIAS}")
+
+
+def _invoke(url, body):
+    # json.dumps writes NaN as the literal MLflow's parser reads (requests' json= refuses it)
+    return requests.post(f"{url}/invocations", data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=120)
+
+
+def _assert_same_answers(records, expected):
+    assert [r["prediction"] for r in records] == list(expected["prediction"])
+    assert [r["certified"] for r in records] == list(expected["certified"])
+    for column in ("probability", "consistency", "consistency_lcb"):
+        np.testing.assert_allclose([r[column] for r in records], expected[column], rtol=0, atol=1e-12, err_msg=column)
+
+
+def test_records_and_split_requests_answer_like_in_process_predict(server, local_model, diabetes_features):
+    rows = diabetes_features.iloc[20:25]
+    params = {"seed": 3}
+    expected = local_model.predict(rows, params=params)
+    by_records = _invoke(server, {"dataframe_records": rows.to_dict(orient="records"), "params": params})
+    assert by_records.status_code == 200, by_records.text
+    _assert_same_answers(by_records.json()["predictions"], expected)
+    split = rows.to_dict(orient="split")
+    by_split = _invoke(server, {"dataframe_split": {"columns": split["columns"], "data": split["data"]}, "params": params})
+    assert by_split.status_code == 200, by_split.text
+    _assert_same_answers(by_split.json()["predictions"], expected)
+
+
+def test_inference_params_travel_in_the_request(server, local_model, diabetes_features):
+    rows = diabetes_features.iloc[:3]
+    for params in ({"k": 8, "sigma": 1.5, "alpha": 0.2, "seed": 9}, {"score": False}):
+        answer = _invoke(server, {"dataframe_records": rows.to_dict(orient="records"), "params": params})
+        assert answer.status_code == 200, answer.text
+        records = answer.json()["predictions"]
+        expected = local_model.predict(rows, params=params)
+        if params.get("score") is False:
+            assert all(r["certified"] is False and r["consistency"] is None and r["consistency_lcb"] is None for r in records)
+            np.testing.assert_allclose([r["probability"] for r in records], expected["probability"], atol=1e-12)
+        else:
+            _assert_same_answers(records, expected)
+
+
+def _records(features, **changes):
+    rows = features.iloc[:2].to_dict(orient="records")
+    for row in rows:
+        row.update(changes)
+    return rows
+
+
+MALFORMED = {
+    "missing column": (lambda f: {"dataframe_records": [{k: v for k, v in r.items() if k != "bmi"} for r in _records(f)]}, "bmi"),
+    "wrong type": (lambda f: {"dataframe_records": _records(f, age="old")}, "age"),
+    "null value": (lambda f: {"dataframe_records": _records(f, bmi=None)}, "column 'bmi' has missing values"),
+    "NaN value": (lambda f: {"dataframe_split": {"columns": list(f.columns), "data": [[1, 90, 70, 30, float("nan"), 0.3, 40]]}},
+                  "column 'bmi' has missing values"),
+    "empty table": (lambda f: {"dataframe_split": {"columns": list(f.columns), "data": []}}, "no rows"),
+    "score not a bool": (lambda f: {"dataframe_records": _records(f), "params": {"score": "maybe"}}, "score"),
+    "k not a number": (lambda f: {"dataframe_records": _records(f), "params": {"k": "many"}}, "'k'"),
+    "k=0": (lambda f: {"dataframe_records": _records(f), "params": {"k": 0}}, "k must be >= 2, got 0"),
+    "huge k": (lambda f: {"dataframe_records": _records(f), "params": {"k": 1_000_000_000}}, "cap of 4096"),
+    "negative sigma": (lambda f: {"dataframe_records": _records(f), "params": {"sigma": -1.0}}, "sigma must be in"),
+    "alpha out of range": (lambda f: {"dataframe_records": _records(f), "params": {"alpha": 2.0}}, "alpha must be in"),
+    "no data key": (lambda f: {"rows": _records(f)}, "dataframe_split"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_requests_get_a_400_with_the_reason_and_the_server_keeps_serving(server, local_model, diabetes_features, case):
+    body, reason = MALFORMED[case]
+    answer = _invoke(server, body(diabetes_features))
+    assert 400 <= answer.status_code < 500, (answer.status_code, answer.text)
+    assert reason in answer.json()["message"], answer.text
+    rows = diabetes_features.iloc[:2]
+    again = _invoke(server, {"dataframe_records": rows.to_dict(orient="records")})
+    assert again.status_code == 200, again.text
+    _assert_same_answers(again.json()["predictions"], local_model.predict(rows))
+
+
+def test_body_that_is_not_json_is_refused(server):
+    answer = requests.post(f"{server}/invocations", data="{not json", headers={"Content-Type": "application/json"}, timeout=30)
+    assert answer.status_code == 400
+
+
+def test_an_undeclared_param_is_ignored_by_mlflow_not_applied(server, local_model, diabetes_features):
+    rows = diabetes_features.iloc[:2]
+    answer = _invoke(server, {"dataframe_records": rows.to_dict(orient="records"), "params": {"tau": -1.0}})
+    assert answer.status_code == 200, answer.text
+    _assert_same_answers(answer.json()["predictions"], local_model.predict(rows))
