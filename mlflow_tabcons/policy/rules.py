@@ -72,7 +72,7 @@ class ModelOverride:
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
-    """A validated policy file. ``rules_for`` answers None for a target nobody protects."""
+    """A validated policy file."""
 
     source: str
     defaults: Mapping[str, Mapping[str, Any]]
@@ -80,6 +80,8 @@ class Policy:
     allow_break_glass: bool = True
 
     def rules_for(self, model: str, target: Target) -> RuleSet | None:
+        """The merged rules, or None when nothing protects the target for this model (an override may null them all)."""
         layers = [self.defaults[target.key]] if target.key in self.defaults else []
         layers += [m.rules[target.key] for m in self.models if m.matches(model) and target.key in m.rules]
-        return RuleSet.from_layers(layers) if layers else None
+        rules = RuleSet.from_layers(layers)
+        return None if rules == RuleSet() else rules

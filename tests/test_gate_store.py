@@ -1,0 +1,262 @@
+"""The gated registry store through MLflow's Python client, on a real SQLite file and a real PostgreSQL database."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import sqlalchemy as sa
+from gate_support import KEY, POLICY, evidence, new_version
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from mlflow_tabcons.evidence import EVIDENCE_TAG, sign_evidence
+from mlflow_tabcons.policy import PolicyError, audit_trail
+from mlflow_tabcons.policy.store import GatedRegistryStore
+
+DENIED = "PERMISSION_DENIED"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_uri(request: pytest.FixtureRequest, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gate.db'}"
+    return request.getfixturevalue("postgres_uri")
+
+
+@pytest.fixture()
+def policy_file(tmp_path, monkeypatch):
+    path = tmp_path / "policy.yaml"
+    path.write_text(POLICY)
+    monkeypatch.setenv("TABCONS_POLICY", str(path))
+    monkeypatch.setenv("TABCONS_EVIDENCE_KEY", KEY.decode())
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reviewer-ann")
+    return path
+
+
+@pytest.fixture()
+def client(database_uri: str, policy_file) -> MlflowClient:
+    return MlflowClient(tracking_uri=database_uri, registry_uri="tabcons+" + database_uri)
+
+
+def audit_of(database_uri: str, name: str, action: str | None = None):
+    return [r for r in audit_trail("tabcons+" + database_uri, name) if action in (None, r.action)]
+
+
+def refusal(call, *args) -> str:
+    with pytest.raises(MlflowException) as caught:
+        call(*args)
+    assert caught.value.error_code == DENIED, caught.value.message
+    return caught.value.message
+
+
+def test_alias_allowed_records_verdict_tag_and_audit(client, database_uri):
+    version = new_version(client, "credit")
+    client.set_registered_model_alias("credit", "champion", version.version)
+    assert client.get_registered_model("credit").aliases == {"champion": version.version}
+    verdict = client.get_model_version("credit", version.version).tags["tabcons.verdict.champion"]
+    assert verdict.startswith("allowed") and "0.8500 >= 0.8000" in verdict
+    (row,) = audit_of(database_uri, "credit", "set_alias")
+    assert row.allowed and row.actor == "reviewer-ann" and row.target == "alias:champion"
+    assert {c["rule"]: c["value"] for c in row.detail["checks"]} == {
+        "min_certified_fraction": 0.85, "max_arbitrariness": 0.05, "min_accuracy": 0.8, "max_churn": 0.0,
+    }
+
+
+def test_refusal_lists_every_failed_rule_and_changes_nothing(client, database_uri):
+    champion = new_version(client, "credit")
+    client.set_registered_model_alias("credit", "champion", champion.version)
+    weak = new_version(client, "credit", lower=0.6, arbitrariness=0.2, accuracy=0.5, predictions="1111")
+    message = refusal(client.set_registered_model_alias, "credit", "champion", weak.version)
+    for fragment in ("0.6000 < 0.8000", "max_arbitrariness: 0.2000 > 0.1000", "min_accuracy: 0.5000 < 0.7000",
+                     "max_churn (against version 1): 1.0000 > 0.3000", "--break-glass"):
+        assert fragment in message
+    assert client.get_registered_model("credit").aliases == {"champion": champion.version}
+    assert client.get_model_version("credit", weak.version).tags["tabcons.verdict.champion"].startswith("refused")
+    rows = audit_of(database_uri, "credit", "set_alias")
+    assert [(r.version, r.allowed) for r in rows] == [(str(champion.version), True), (str(weak.version), False)]
+
+
+def test_churn_against_the_incumbent(client):
+    client.set_registered_model_alias("credit", "champion", new_version(client, "credit").version)
+    close = new_version(client, "credit", predictions="1000")
+    client.set_registered_model_alias("credit", "champion", close.version)  # churn 0.25 <= 0.30
+    elsewhere = new_version(client, "credit", digest="sha256:" + "cd" * 32)
+    assert "another evaluation set" in refusal(client.set_registered_model_alias, "credit", "champion", elsewhere.version)
+    assert client.get_registered_model("credit").aliases == {"champion": close.version}
+
+
+def test_unprotected_alias_and_unsigned_version_pass_untouched(client, database_uri):
+    version = new_version(client, "credit", signed=False)
+    client.set_registered_model_alias("credit", "dev", version.version)
+    assert client.get_registered_model("credit").aliases == {"dev": version.version}
+    assert audit_of(database_uri, "credit") == []
+    assert "no tabcons.evidence tag" in refusal(client.set_registered_model_alias, "credit", "champion", version.version)
+
+
+def test_stage_rule_on_the_point_estimate(client):
+    passes_on_point = new_version(client, "credit", lower=0.78)  # point 0.83
+    client.transition_model_version_stage("credit", passes_on_point.version, "production")
+    assert client.get_model_version("credit", passes_on_point.version).current_stage == "Production"
+    fails = new_version(client, "credit", lower=0.70)  # point 0.75
+    assert "point estimate): 0.7500 < 0.8000" in refusal(client.transition_model_version_stage, "credit", fails.version, "Production")
+    assert client.get_model_version("credit", fails.version).current_stage == "None"
+    tags = client.get_model_version("credit", fails.version).tags
+    assert tags["tabcons.verdict.stage.Production"].startswith("refused")
+
+
+def test_copy_into_a_new_model_refused_leaves_no_model(client, database_uri):
+    weak = new_version(client, "dev-credit", lower=0.6)
+    message = refusal(client.copy_model_version, f"models:/dev-credit/{weak.version}", "prod-credit")
+    assert "copy from dev-credit" in message
+    assert client.search_registered_models("name = 'prod-credit'") == []
+    (row,) = audit_of(database_uri, "prod-credit", "copy")
+    assert not row.allowed and row.version == str(weak.version)
+
+
+def test_copy_allowed_carries_evidence_not_verdicts(client):
+    strong = new_version(client, "dev-credit")
+    client.set_registered_model_alias("dev-credit", "champion", strong.version)
+    copied = client.copy_model_version(f"models:/dev-credit/{strong.version}", "prod-credit")
+    tags = client.get_model_version("prod-credit", copied.version).tags
+    assert EVIDENCE_TAG in tags and not any(k.startswith("tabcons.verdict") for k in tags)
+    client.set_registered_model_alias("prod-credit", "champion", copied.version)
+
+
+def test_version_from_models_source_into_empty_model_removes_it(client):
+    weak = new_version(client, "dev-credit", lower=0.6)
+    client.create_registered_model("prod-new")  # what mlflow.register_model and REST copies do first
+    refusal(client.create_model_version, "prod-new", f"models:/dev-credit/{weak.version}", weak.run_id)
+    assert client.search_registered_models("name = 'prod-new'") == []
+    client.create_registered_model("prod-kept", description="owned by the risk team")
+    refusal(client.create_model_version, "prod-kept", f"models:/dev-credit/{weak.version}", weak.run_id)
+    assert client.get_registered_model("prod-kept").description == "owned by the risk team"
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "other key", "other run", "garbage"])
+def test_hand_set_evidence_is_refused(client, database_uri, forgery):
+    version = new_version(client, "credit", lower=0.6)
+    original = client.get_model_version("credit", version.version).tags[EVIDENCE_TAG]
+    good = evidence(version.run_id, lower=0.95)
+    value = {
+        "unsigned": json.dumps({"format": 1, "evidence": good.to_dict()}),
+        "other key": sign_evidence(good, b"someone-elses-key-0123456789"),
+        "other run": sign_evidence(evidence("0" * 32, lower=0.95), KEY),
+        "garbage": "certified_fraction=1.0",
+    }[forgery]
+    refusal(client.set_model_version_tag, "credit", version.version, EVIDENCE_TAG, value)
+    assert client.get_model_version("credit", version.version).tags[EVIDENCE_TAG] == original
+    assert [r.allowed for r in audit_of(database_uri, "credit", "set_evidence")] == [True, False]
+
+
+def test_gate_tags_cannot_be_written_or_deleted_by_hand(client):
+    version = new_version(client, "credit")
+    refusal(client.set_model_version_tag, "credit", version.version, "tabcons.verdict.champion", "allowed")
+    refusal(client.delete_model_version_tag, "credit", version.version, EVIDENCE_TAG)
+    refusal(client.set_registered_model_tag, "credit", "tabcons.evidence", "x")
+    refusal(client.create_model_version, "credit", f"runs:/{version.run_id}/model", version.run_id,
+            {"tabcons.verdict.champion": "allowed"})
+    assert EVIDENCE_TAG in client.get_model_version("credit", version.version).tags
+
+
+def test_evidence_tampered_in_the_database_is_caught(client, database_uri):
+    version = new_version(client, "credit", lower=0.6)
+    engine = sa.create_engine(database_uri)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE model_version_tags SET value = REPLACE(value, '\"certified_fraction_lower\": 0.6', "
+                    "'\"certified_fraction_lower\": 0.9') WHERE key = :key"),
+            {"key": EVIDENCE_TAG},
+        )
+    engine.dispose()
+    assert '"certified_fraction_lower": 0.9' in client.get_model_version("credit", version.version).tags[EVIDENCE_TAG]
+    assert "tampered evidence" in refusal(client.set_registered_model_alias, "credit", "champion", version.version)
+
+
+def test_rename_cannot_dodge_the_rules(client):
+    weak = new_version(client, "sandbox-credit", signed=False)
+    client.set_registered_model_alias("sandbox-credit", "champion", weak.version)  # sandboxes are not protected
+    message = refusal(client.rename_registered_model, "sandbox-credit", "credit")
+    assert "alias @champion for model 'sandbox-credit'" in message
+    assert client.get_registered_model("sandbox-credit").aliases == {"champion": weak.version}
+    client.rename_registered_model("sandbox-credit", "sandbox-other")
+    assert client.get_registered_model("sandbox-other").aliases == {"champion": weak.version}
+
+
+def test_break_glass_is_justified_audited_and_one_shot(client, database_uri):
+    weak = new_version(client, "credit", lower=0.6)
+    with pytest.raises(MlflowException, match="justification") as caught:
+        client.set_model_version_tag("credit", weak.version, "tabcons.break_glass", "   ")
+    assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+    client.set_model_version_tag("credit", weak.version, "tabcons.break_glass", "INC-42: CRO approved")
+    client.set_registered_model_alias("credit", "champion", weak.version)
+    tags = client.get_model_version("credit", weak.version).tags
+    assert "tabcons.break_glass" not in tags
+    assert tags["tabcons.verdict.champion"].startswith("allowed by break-glass")
+    armed, used = audit_of(database_uri, "credit")[-2:]
+    assert (armed.action, armed.break_glass) == ("arm_break_glass", "INC-42: CRO approved")
+    assert (used.action, used.allowed, used.break_glass) == ("set_alias", True, "INC-42: CRO approved")
+    client.delete_registered_model_alias("credit", "champion")
+    refusal(client.set_registered_model_alias, "credit", "champion", weak.version)
+
+
+def test_break_glass_can_be_disabled(client, policy_file):
+    policy_file.write_text(POLICY.replace("version: 1\n", "version: 1\nallow_break_glass: false\n"))
+    weak = new_version(client, "credit", lower=0.6)
+    assert "allow_break_glass: false" in refusal(client.set_model_version_tag, "credit", weak.version, "tabcons.break_glass", "please")
+
+
+def test_policy_broken_later_fails_closed_then_recovers(client, policy_file):
+    version = new_version(client, "credit")
+    policy_file.write_text(POLICY + "  oops: [\n")
+    message = refusal(client.set_registered_model_alias, "credit", "champion", version.version)
+    assert "cannot be used" in message and "line" in message
+    refusal(client.set_registered_model_alias, "credit", "dev", version.version)
+    policy_file.write_text(POLICY)
+    client.set_registered_model_alias("credit", "champion", version.version)
+
+
+def test_store_refuses_to_start_without_a_valid_policy(tmp_path, monkeypatch):
+    uri = f"tabcons+sqlite:///{tmp_path / 'x.db'}"
+    monkeypatch.delenv("TABCONS_POLICY", raising=False)
+    with pytest.raises(PolicyError, match="TABCONS_POLICY"):
+        GatedRegistryStore(uri)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\naliases:\n  champion:\n    max_churn: 1.5\n")
+    with pytest.raises(PolicyError, match=r"bad.yaml line 4: aliases.champion.max_churn must be a fraction"):
+        GatedRegistryStore(uri, policy_path=bad)
+
+
+def test_concurrent_promotions_serialize(client, database_uri):
+    """Four candidates pass against the incumbent but disagree with each other: exactly one may win."""
+    incumbent = new_version(client, "credit")
+    client.set_registered_model_alias("credit", "champion", incumbent.version)
+    strong = [str(new_version(client, "credit", predictions=p).version) for p in ("1000", "0100", "0010", "0001")]
+    weak = [str(new_version(client, "credit", lower=0.5).version) for _ in range(4)]
+    stores = [GatedRegistryStore("tabcons+" + database_uri) for _ in range(2)]  # like two server workers
+    barrier = threading.Barrier(8)
+    outcomes: dict[str, str] = {}
+
+    def attempt(index: int, version: str) -> None:
+        barrier.wait()
+        try:
+            stores[index % 2].set_registered_model_alias("credit", "champion", version)
+            outcomes[version] = "allowed"
+        except MlflowException as error:
+            outcomes[version] = error.error_code
+
+    threads = [threading.Thread(target=attempt, args=(i, v)) for i, v in enumerate(strong + weak)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    winners = [v for v, outcome in outcomes.items() if outcome == "allowed"]
+    assert len(winners) == 1 and winners[0] in strong
+    assert {outcomes[v] for v in outcomes if v not in winners} == {DENIED}
+    assert client.get_registered_model("credit").aliases == {"champion": int(winners[0])}
+    rows = audit_of(database_uri, "credit", "set_alias")[1:]
+    assert sorted(r.version for r in rows) == sorted(strong + weak)
+    assert [r.version for r in rows if r.allowed] == winners
+    later_strong = [r for r in rows if r.version in strong and not r.allowed]
+    assert all("max_churn" in r.summary and "0.5000 > 0.3000" in r.summary for r in later_strong)
