@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlflow_tabcons import multiplicity
+from mlflow_tabcons import multiplicity, resume
 from mlflow_tabcons.consistency import ConsistencyScorer, ConsistencyScores, ScorerSettings, TorchBackend
 from mlflow_tabcons.data import TabularDataset, few_shot, load_dataset, split_dataset, stratified_sample
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
@@ -141,15 +142,28 @@ def _device() -> str:
 
 
 def train_ensemble_members(
-    trainer: EnsembleTrainer, data: PreparedData, config: TrainingConfig, eval_prefix: list[torch.Tensor] | None
+    trainer: EnsembleTrainer,
+    data: PreparedData,
+    config: TrainingConfig,
+    eval_prefix: list[torch.Tensor] | None,
+    finished: Mapping[int, Member] | None = None,
 ) -> tuple[list[Member], list[np.ndarray], list[int]]:
-    """Train every seed in its own child run; return the members, their eval probabilities, failed seeds."""
+    """Train every seed in its own child run; return the members, their eval probabilities, failed seeds.
+
+    Seeds in ``finished`` (members reloaded by a resume) are reused, not retrained.
+    """
     members, probabilities, failed = [], [], []
     labels = data.evaluation.labels
     baseline = majority_rate(labels)
+    finished = finished or {}
+    experiment_id = mlflow.active_run().info.experiment_id
     for seed in range(config.seeds):
+        if seed in finished:
+            members.append(finished[seed])
+            probabilities.append(trainer.predict_proba(finished[seed].classifier, data.evaluation, eval_prefix))
+            continue
         try:
-            with mlflow.start_run(run_name=f"seed-{seed}", nested=True):
+            with mlflow.start_run(run_name=f"seed-{seed}", nested=True, experiment_id=experiment_id):
                 mlflow.set_tag("tabcons.role", "member")
                 mlflow.log_params({"seed": seed, **{k: v for k, v in config.params().items() if k.startswith("train.")}})
                 member = trainer.train_member(
@@ -162,6 +176,7 @@ def train_ensemble_members(
                 learned = scores["accuracy"] > baseline
                 mlflow.log_metrics({**{k: v for k, v in scores.items() if np.isfinite(v)}, "majority_rate": baseline})
                 mlflow.set_tag("tabcons.beats_majority", str(learned).lower())
+                resume.log_member(member)
                 if not learned:
                     message = (
                         f"member seed={seed} does no better than the majority class "
@@ -257,25 +272,42 @@ def _log_new_params(run: mlflow.ActiveRun, params: dict[str, Any]) -> None:
     mlflow.log_params({key: value for key, value in params.items() if key not in logged})
 
 
-def run_training(config: TrainingConfig) -> TrainingOutcome:
-    """Run the whole `main` job under a parent run (the active one under `mlflow run`)."""
-    _configure_threads()
-    data = prepare_data(config)
+def _open_parent(config: TrainingConfig, data: PreparedData, resume_run_id: str | None) -> mlflow.ActiveRun:
+    """A new parent run, or the interrupted one ``resume_run_id`` reopened after checking its configuration."""
+    if resume_run_id:
+        stored = resume.resumable_parent(resume_run_id)
+        resume.check_same_config(stored, config)
+        run = mlflow.start_run(run_id=resume_run_id)
+        mlflow.set_tag(resume.RESUMED_TAG, "true")
+        return run
     if config.experiment and not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(config.experiment)
-    run_name = f"{data.dataset.name}-{config.shots}shots-{config.seeds}seeds"
-    with mlflow.start_run(run_name=run_name) as parent:
-        mlflow.set_tags({"tabcons.role": "ensemble", "tabcons.dataset": data.dataset.name})
-        _log_new_params(parent, config.params())
-        mlflow.log_params({"n_train": len(data.train), "n_eval": len(data.evaluation), "labels": ",".join(map(str, data.dataset.labels))})
+    run = mlflow.start_run(run_name=f"{data.dataset.name}-{config.shots}shots-{config.seeds}seeds")
+    mlflow.set_tags({"tabcons.role": "ensemble", "tabcons.dataset": data.dataset.name})
+    _log_new_params(run, config.params())
+    resume.log_config(config)
+    return run
+
+
+def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> TrainingOutcome:
+    """Run the whole `main` job under a parent run (the active one under `mlflow run`).
+
+    ``resume_run_id`` continues an interrupted parent run of the same
+    configuration: finished members are reloaded, only missing seeds are trained.
+    """
+    _configure_threads()
+    data = prepare_data(config)
+    with _open_parent(config, data, resume_run_id) as parent:
+        _log_new_params(parent, {"n_train": len(data.train), "n_eval": len(data.evaluation), "labels": ",".join(map(str, data.dataset.labels))})
         device = _device()
         base = load_encoder(resolve_model_path(config.model))
         trainer = EnsembleTrainer(base, len(data.dataset.labels), config.train, data.train, data.validation, device=device)
         eval_prefix = trainer.prefix_for(data.evaluation)
+        finished = resume.reopen_children(mlflow.get_run(parent.info.run_id), trainer).members if resume_run_id else {}
         started = time.perf_counter()
-        members, probabilities, failed = train_ensemble_members(trainer, data, config, eval_prefix)
+        members, probabilities, failed = train_ensemble_members(trainer, data, config, eval_prefix, finished)
         seconds_train = time.perf_counter() - started
-        mlflow.log_metrics({"members_succeeded": len(members), "members_failed": len(failed)})
+        mlflow.log_metrics({"members_succeeded": len(members), "members_failed": len(failed), "members_reloaded": len(finished)})
         mlflow.set_tag("tabcons.members", f"{len(members)} of {config.seeds} succeeded")
         if len(members) < 2:
             raise TabconsInputError(

@@ -23,12 +23,22 @@ from mlflow_tabcons.cli.options import (
 @calibration_option
 @experiment_option
 @register_option
+@click.option(
+    "--resume", "resume_run_id", default=None, metavar="RUN_ID",
+    help="Continue an interrupted parent run with its own configuration: keep its finished members, train the missing seeds.",
+)
 @user_errors
-def train(**options: object) -> None:
+def train(resume_run_id: str | None, **options: object) -> None:
     """Fine-tune a seed ensemble, measure its multiplicity, score and certify the reference member."""
     from mlflow_tabcons.pipeline import run_training
 
-    outcome = run_training(training_config_from_options(options))
+    config = training_config_from_options(options)
+    if resume_run_id:
+        from mlflow_tabcons.resume import resumed_config
+
+        defaults = training_config_from_options({p.name: p.default for p in train.params if p.name != "resume_run_id"})
+        config = resumed_config(resume_run_id, config, defaults)
+    outcome = run_training(config, resume_run_id)
     metrics = outcome.metrics
     click.echo(
         f"parent run {outcome.parent_run_id}: {len(outcome.members)} members, "
