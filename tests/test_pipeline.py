@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlflow_tabcons.cli import cli
-from mlflow_tabcons.finetune import EnsembleTrainer
+from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings
 
 FAST = ["--shots", "24", "--epochs", "1", "--eval-rows", "20", "--k", "16", "--batch-size", "8"]
 
@@ -122,3 +122,22 @@ def test_bad_input_is_a_clear_error_and_leaves_no_run(tracking_uri, tiny_model_d
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert _runs() == []
+
+
+@pytest.mark.slow
+def test_real_minilm_ensemble_learns_and_is_scored(tracking_uri):
+    """The default path on the packaged MiniLM weights: members learn (loss falls) and every row is scored."""
+    from mlflow_tabcons.consistency import ScorerSettings
+    from mlflow_tabcons.pipeline import TrainingConfig, run_training
+
+    config = TrainingConfig(
+        data="credit-g", shots=32, seeds=2, eval_rows=8,
+        train=TrainSettings(epochs=3), scorer=ScorerSettings(k=8), register=None,
+    )
+    outcome = run_training(config)
+    assert outcome.members[0].classifier.config.hidden_size == 384  # MiniLM-L6, not a stand-in
+    for member in outcome.members:
+        losses = [record["train_loss"] for record in member.history]
+        assert losses[-1] < losses[0], (member.seed, losses)
+    assert len(outcome.rows) == 8 and outcome.rows["consistency"].between(-1, 1).all()
+    assert mlflow.get_run(outcome.parent_run_id).data.metrics["members_succeeded"] == 2
