@@ -28,6 +28,7 @@ _EXPORTS = {
     "TrainingConfig": "mlflow_tabcons.pipeline",
     "run_training": "mlflow_tabcons.pipeline",
     "TabconsInputError": "mlflow_tabcons.errors",
+    "TabconsModel": "mlflow_tabcons.flavor",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -23,6 +23,7 @@ from mlflow_tabcons import multiplicity, resume
 from mlflow_tabcons.consistency import ConsistencyScorer, ConsistencyScores, ScorerSettings, TorchBackend
 from mlflow_tabcons.data import TabularDataset, few_shot, load_dataset, split_dataset, stratified_sample
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
+from mlflow_tabcons.flavor.packaged import BACKENDS
 from mlflow_tabcons.finetune import EncodedRows, EnsembleTrainer, Member, TrainSettings, encode
 from mlflow_tabcons.metrics import classification_scores, majority_rate
 from mlflow_tabcons.model import DEFAULT_MODEL, load_encoder, load_tokenizer, resolve_model_path
@@ -54,6 +55,7 @@ class TrainingConfig:
     scorer: ScorerSettings = field(default_factory=ScorerSettings)
     # registered model name ({dataset} is filled in); None: log and register nothing
     register: str | None = DEFAULT_REGISTER
+    serve_backend: str = "torch"  # engine of the registered model's neighbour passes: torch or onnx
 
     def __post_init__(self) -> None:
         check_int("seeds", self.seeds, minimum=2, maximum=1000)
@@ -63,6 +65,7 @@ class TrainingConfig:
         check_choice("template", self.template, TEMPLATES)
         if self.register is not None:
             registered_model_name(self.register, self.data)  # refuse a bad name before training, not after
+        check_choice("serve_backend", self.serve_backend, BACKENDS)
 
     def params(self) -> dict[str, Any]:
         """Flat parameters for MLflow (nested settings become dotted keys)."""

@@ -85,7 +85,7 @@ def evidence_from_outcome(outcome: TrainingOutcome, config: TrainingConfig) -> E
     )
 
 
-def register_reference(outcome: TrainingOutcome, config: TrainingConfig, *, backend: str = "torch") -> ModelVersion:
+def register_reference(outcome: TrainingOutcome, config: TrainingConfig) -> ModelVersion:
     """Log the reference member in the active (parent) run, register it, attach its signed evidence."""
     name = registered_model_name(config.register or DEFAULT_REGISTER, outcome.data.dataset.name)
     model = packaged_reference(outcome, config)
@@ -95,7 +95,7 @@ def register_reference(outcome: TrainingOutcome, config: TrainingConfig, *, back
     info = log_model(
         model,
         LOGGED_MODEL_NAME,
-        backend=backend,
+        backend=config.serve_backend,
         signature=tabcons_signature(model, dataset.frame[dataset.features]),
         input_example=outcome.data.eval_frame[dataset.features].head(EXAMPLE_ROWS),
         registered_model_name=name,

@@ -16,6 +16,7 @@ from mlflow_tabcons import flavor
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.evidence import EVIDENCE_TAG, verify_evidence
 from mlflow_tabcons.flavor import TabconsModel
+from mlflow_tabcons.onnx import OnnxBackend
 
 ANSWER = ["prediction", "probability", "consistency", "consistency_lcb", "certified"]
 
@@ -133,10 +134,10 @@ def test_loading_needs_nothing_but_the_model_directory(tmp_path, diabetes_featur
     pd.testing.assert_frame_equal(loaded.predict(diabetes_features.head(3)), expected, atol=1e-6, rtol=0)
 
 
-def test_main_logs_and_registers_the_reference_member_with_signed_evidence(tracking_uri, tiny_model_dir, monkeypatch, tmp_path):
+def test_main_registers_the_reference_member_with_signed_evidence_and_the_chosen_backend(tracking_uri, tiny_model_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("TABCONS_EVIDENCE_KEY", "k" * 32)
     args = ["train", "--data", "diabetes", "--model", tiny_model_dir, "--shots", "24", "--epochs", "1", "--eval-rows", "12",
-            "--k", "16", "--batch-size", "8", "--seeds", "2", "--register", "pima-{dataset}"]
+            "--k", "16", "--batch-size", "8", "--seeds", "2", "--register", "pima-{dataset}", "--serve-backend", "onnx"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "models:/pima-diabetes/1" in result.output
@@ -152,12 +153,13 @@ def test_main_logs_and_registers_the_reference_member_with_signed_evidence(track
 
     model = flavor.load_model("models:/pima-diabetes/1", dst_path=str(tmp_path))
     assert model.evidence == evidence.to_dict()
+    assert isinstance(model.backend, OnnxBackend)
     table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
     features = table[model.columns]
     answer = model.predict(features)
-    # the packaged model answers the evaluation rows exactly as the training job scored them
+    # the packaged model (in ONNX Runtime) answers the evaluation rows as the training job (in PyTorch) scored them
     assert list(answer["prediction"]) == list(table["predicted"])
-    np.testing.assert_allclose(answer["consistency"], table["consistency"], atol=1e-5)
+    np.testing.assert_allclose(answer["consistency"], table["consistency"], atol=1e-4)
     assert list(answer["certified"]) == list(table["certified"])
     example = json.loads((tmp_path / "input_example.json").read_text())
     assert example["columns"] == model.columns

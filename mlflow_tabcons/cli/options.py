@@ -18,6 +18,7 @@ from mlflow_tabcons.consistency import NOISES, SIGMA_MODES, ScorerSettings
 from mlflow_tabcons.finetune import RESAMPLING, TrainSettings
 from mlflow_tabcons.model import DEFAULT_MODEL, LoraSettings
 from mlflow_tabcons.pipeline import TrainingConfig
+from mlflow_tabcons.flavor.packaged import BACKENDS
 from mlflow_tabcons.registration import DEFAULT_REGISTER
 from mlflow_tabcons.serialize import TEMPLATES
 
@@ -110,6 +111,11 @@ register_option = click.option(
     help="Registered model name for the reference member ({dataset}: the dataset's name); 'none' registers nothing.",
 )
 
+serve_backend_option = click.option(
+    "--serve-backend", type=click.Choice(BACKENDS), default="torch", show_default=True,
+    help="Engine of the registered model's neighbour passes: PyTorch, or an exported ONNX graph run by ONNX Runtime.",
+)
+
 experiment_option = click.option(
     "--experiment", default=None, callback=_blank_is_none,
     help="MLflow experiment name (under `mlflow run` the run's own experiment is used).",
@@ -170,6 +176,7 @@ def training_config_from_options(options: dict[str, Any]) -> TrainingConfig:
         model=options["model"],
         experiment=options["experiment"],
         register=options.get("register"),
+        serve_backend=options.get("serve_backend") or "torch",
         split_seed=options["split_seed"],
         train=train_settings_from_options(options),
         scorer=scorer_settings_from_options(options),

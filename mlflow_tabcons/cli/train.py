@@ -9,6 +9,7 @@ from mlflow_tabcons.cli.options import (
     data_options,
     experiment_option,
     register_option,
+    serve_backend_option,
     scorer_options,
     training_config_from_options,
     training_options,
@@ -23,6 +24,7 @@ from mlflow_tabcons.cli.options import (
 @calibration_option
 @experiment_option
 @register_option
+@serve_backend_option
 @click.option(
     "--resume", "resume_run_id", default=None, metavar="RUN_ID",
     help="Continue an interrupted parent run with its own configuration: keep its finished members, train the missing seeds.",
