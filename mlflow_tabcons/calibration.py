@@ -184,8 +184,9 @@ def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None)
         mlflow.log_params({**config.params(), "n_calibration_rows": len(rows), "grid.sigmas": ",".join(map(str, grid.sigmas)),
                            "grid.ks": ",".join(map(str, grid.ks)), "grid.sweep_k": grid.sweep_k})
         device = _device()
+        # no per-epoch validation: the members are scored on the (validation) calibration rows once trained
         trainer = EnsembleTrainer(load_encoder(resolve_model_path(config.model)), len(data.dataset.labels), config.train,
-                                  data.train, data.validation, device=device)
+                                  data.train, None, device=device)
         members, probabilities, failed = train_ensemble_members(trainer, data, config, trainer.prefix_for(rows))
         if len(members) < 2:
             raise TabconsInputError(f"calibration needs at least two trained members; seeds {failed} failed")

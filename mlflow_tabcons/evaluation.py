@@ -106,11 +106,18 @@ def certified_agreement(certified: np.ndarray, agreement: np.ndarray) -> float:
     return float(agreement[chosen].mean()) if chosen.any() else float("nan")
 
 
+# How far above chance (1/C) the members' mean balanced accuracy must be to count as "learned something".
+CHANCE_MARGIN = 0.05
+
+
 def members_summary(labels: np.ndarray, member_probabilities: np.ndarray) -> dict[str, float]:
     """Members' accuracy and balanced accuracy against the majority-class rate.
 
-    ``beats_majority`` is 1 when the members' mean accuracy exceeds the
-    majority rate: otherwise their disagreements say nothing about multiplicity.
+    ``beats_majority``: the members' mean accuracy exceeds the majority rate;
+    otherwise their disagreements are no evidence about multiplicity.
+    ``above_chance``: their mean balanced accuracy exceeds 1/C by
+    ``CHANCE_MARGIN`` (class-balanced members can learn without beating the
+    majority rate on accuracy): weak evidence at best.
     """
     probabilities = check_array("member_probabilities", member_probabilities, ndim=3, low=0.0, high=1.0, min_shape=(1, 1, 2))
     scores = [classification_scores(labels, p) for p in probabilities]
@@ -125,6 +132,7 @@ def members_summary(labels: np.ndarray, member_probabilities: np.ndarray) -> dic
         "majority_rate": baseline,
         "members_beating_majority": int((accuracy > baseline).sum()),
         "beats_majority": bool(accuracy.mean() > baseline),
+        "above_chance": bool(balanced.mean() > 1.0 / probabilities.shape[2] + CHANCE_MARGIN),
     }
 
 
@@ -149,6 +157,14 @@ def _cell(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _evidence(result: Mapping[str, Any]) -> str:
+    if result["beats_majority"]:
+        return "yes"
+    if result.get("above_chance"):
+        return "**weak: balanced accuracy above chance, accuracy below the majority rate**"
+    return "**none: members do not beat the majority class**"
+
+
 def markdown_table(results: Sequence[Mapping[str, Any]], measures: Sequence[str] = ("consistency", "confidence", "dropout")) -> str:
     """One table row per evaluation result; a row whose members do not beat the majority class is marked."""
     header = ["dataset", "shots", "M", "sigma", "k", "acc", "bal. acc", "majority", "arbitr."]
@@ -169,6 +185,6 @@ def markdown_table(results: Sequence[Mapping[str, Any]], measures: Sequence[str]
         missing = agreement is None or math.isnan(agreement)
         verdict = "no certified rows" if missing else ("yes" if agreement >= 1 - result["alpha"] else "NO")
         cells += [_cell(result["certified_fraction"]), f"{_cell(agreement)} ({verdict})",
-                  "yes" if result["beats_majority"] else "**none: members do not beat the majority class**"]
+                  _evidence(result)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"

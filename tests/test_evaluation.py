@@ -90,8 +90,13 @@ def test_members_summary_flags_an_ensemble_that_does_not_beat_the_majority():
     summary = members_summary(labels, always_zero)
     assert summary["majority_rate"] == 0.75 and summary["accuracy_mean"] == 0.75
     assert summary["balanced_accuracy_mean"] == 0.5 and summary["beats_majority"] is False
+    assert summary["above_chance"] is False
     perfect = _binary([[0.1, 0.1, 0.1, 0.9], [0.2, 0.3, 0.1, 0.8]])
     assert members_summary(labels, perfect)["beats_majority"] is True
+    # finds the minority row but misses one majority row: accuracy 0.75 = majority, balanced 0.83
+    balanced = _binary([[0.9, 0.1, 0.1, 0.9], [0.8, 0.2, 0.1, 0.9]])
+    summary = members_summary(labels, balanced)
+    assert summary["beats_majority"] is False and summary["above_chance"] is True
 
 
 @pytest.mark.parametrize(
@@ -130,9 +135,11 @@ def _result(**overrides):
 
 
 def test_markdown_table_marks_rows_without_evidence_and_failed_certificates():
-    table = markdown_table([_result(), _result(beats_majority=False, certified_agreement=0.9), _result(certified_agreement=None)])
+    table = markdown_table([_result(), _result(beats_majority=False, certified_agreement=0.9), _result(certified_agreement=None),
+                            _result(beats_majority=False, above_chance=True)])
     lines = table.strip().splitlines()
-    assert len(lines) == 5
+    assert len(lines) == 6
+    assert "weak: balanced accuracy above chance" in lines[5]
     assert "0.97 (yes)" in lines[2] and lines[2].endswith("| yes |")
     assert "0.90 (NO)" in lines[3] and "do not beat the majority class" in lines[3]
     assert "no certified rows" in lines[4]
