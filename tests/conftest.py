@@ -7,9 +7,11 @@ turns those skips into failures so nothing silently stops being tested.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -86,27 +88,79 @@ def postgres_admin_uri() -> str:
     return POSTGRES_ADMIN_URI
 
 
-@pytest.fixture()
-def postgres_uri(postgres_admin_uri: str) -> str:
-    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+@contextlib.contextmanager
+def new_postgres_database(admin_uri: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database, dropped on exit (for fixtures of any scope)."""
     import sqlalchemy
 
     name = f"tabcons_{uuid.uuid4().hex[:12]}"
-    engine = sqlalchemy.create_engine(postgres_admin_uri, isolation_level="AUTOCOMMIT")
+    engine = sqlalchemy.create_engine(admin_uri, isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
         connection.execute(sqlalchemy.text(f'create database "{name}"'))
-    uri = postgres_admin_uri.rsplit("/", 1)[0] + f"/{name}"
-    yield uri
-    with engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
-    engine.dispose()
+    try:
+        yield admin_uri.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
+        engine.dispose()
+
+
+@pytest.fixture()
+def postgres_uri(postgres_admin_uri: str) -> str:
+    """A new, empty PostgreSQL database for one test, dropped afterwards."""
+    with new_postgres_database(postgres_admin_uri) as uri:
+        yield uri
+
+
+def pick_free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @pytest.fixture()
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return pick_free_port()
+
+
+@contextlib.contextmanager
+def running_server(command: list[str], *, env: dict[str, str], ready_url: str, log_path: Path,
+                   startup_seconds: float = 240) -> Iterator[None]:
+    """Run a server subprocess in its own session until the block ends; fail with its log if it never gets ready."""
+    import signal
+    import subprocess
+    import time
+
+    import requests
+
+    with open(log_path, "w+") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def fail(why: str) -> None:
+            log.seek(0)
+            pytest.fail(f"{' '.join(command[:4])} {why}:\n{log.read()[-3000:]}")
+
+        deadline = time.monotonic() + startup_seconds
+        try:
+            while True:
+                if process.poll() is not None:
+                    fail(f"exited with {process.returncode}")
+                try:
+                    if requests.get(ready_url, timeout=5).status_code == 200:
+                        break
+                except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting up
+                    pass
+                if time.monotonic() > deadline:
+                    fail(f"did not answer {ready_url} within {startup_seconds}s")
+                time.sleep(1)
+            yield
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
 
 
 def build_tabcons_model(model_dir: str, *, seed: int = 0, k: int = 16):

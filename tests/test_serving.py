@@ -2,16 +2,12 @@
 
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 
 import mlflow
 import numpy as np
 import pytest
-from conftest import require_service
+from conftest import pick_free_port, require_service, running_server
 
 from mlflow_tabcons import flavor
 
@@ -20,14 +16,11 @@ requests = pytest.importorskip("requests")
 pytestmark = pytest.mark.slow
 
 NAME, ALIAS = "tabcons-serving-test", "live"
-STARTUP_SECONDS = 240
 
 
 def _free_port() -> int:
     try:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return sock.getsockname()[1]
+        return pick_free_port()
     except OSError as error:
         require_service(f"no free TCP port on 127.0.0.1: {error}")
 
@@ -51,40 +44,14 @@ def registry(tmp_path_factory, tabcons_model, diabetes_features):
 @pytest.fixture(scope="module")
 def server(registry, tmp_path_factory):
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
     # the server runs `uvicorn` from PATH: the one installed next to this Python
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
     env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": registry, "MLFLOW_REGISTRY_URI": registry}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@{ALIAS}", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@{ALIAS}",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    try:
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"mlflow models serve did not answer /ping within {STARTUP_SECONDS}s:\n{log.read()[-3000:]}")
-            time.sleep(1)
+    with running_server(command, env=env, ready_url=f"{url}/ping", log_path=tmp_path_factory.mktemp("serve") / "server.log"):
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
