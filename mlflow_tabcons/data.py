@@ -142,8 +142,8 @@ def _dictionary_mapping(dictionary: Mapping[str, Any] | str | Path | None) -> Ma
         raise TabconsInputError(f"data dictionary file not found: {path}")
     try:
         content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise TabconsInputError(f"data dictionary {path} is not valid YAML: {error}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise TabconsInputError(f"data dictionary {path} is not valid UTF-8 YAML: {error}") from None
     if not isinstance(content, Mapping):
         raise TabconsInputError(f"data dictionary {path} must be a mapping of columns")
     return content.get("columns", content)
@@ -196,6 +196,11 @@ def _load_openml(name_or_id: str) -> tuple[pd.DataFrame, str]:
     return frame, target
 
 
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python value it holds, so messages read 0, not np.int64(0)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def _validated(dataset: TabularDataset) -> TabularDataset:
     frame, target = dataset.frame, dataset.target
     if frame.empty or len(frame.columns) == 0:
@@ -212,7 +217,7 @@ def _validated(dataset: TabularDataset) -> TabularDataset:
         )
     if frame[target].nunique() < 2:
         raise TabconsInputError(
-            f"target column {target!r} has a single class {frame[target].iloc[0]!r}; a classifier needs two or more"
+            f"target column {target!r} has a single class {_plain(frame[target].iloc[0])!r}; a classifier needs two or more"
         )
     empty = [c for c in frame.columns if c != target and frame[c].isna().all()]
     if empty:
@@ -234,7 +239,7 @@ def split_dataset(
     smallest = y.value_counts().min()
     if smallest < 3:
         raise TabconsInputError(
-            f"class {y.value_counts().idxmin()!r} has {smallest} row(s); a stratified split needs at least 3 per class"
+            f"class {_plain(y.value_counts().idxmin())!r} has {smallest} row(s); a stratified split needs at least 3 per class"
         )
     rest, test = train_test_split(frame, test_size=test_size, stratify=y, random_state=seed)
     train, validation = train_test_split(
