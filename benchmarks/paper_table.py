@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=10, help="members M per configuration")
     parser.add_argument("--epochs", type=int, default=TrainSettings().epochs)
     parser.add_argument("--lora-layers", type=int, default=LoraSettings().layers, help="LoRA on the top N layers")
+    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
+    parser.add_argument("--lr", type=float, default=TrainSettings().learning_rate, help="learning rate of the adapters")
+    parser.add_argument("--head-lr", type=float, default=TrainSettings().head_learning_rate)
     parser.add_argument("--eval-rows", type=int, default=60)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--sigma", type=float, default=None, help="a stated relative sigma instead of calibrating")
@@ -72,7 +75,8 @@ def _config(args: argparse.Namespace, dataset: str, shots: int, seeds: int, sigm
     return TrainingConfig(
         data=dataset, shots=shots, seeds=seeds, eval_rows=args.eval_rows, model=args.model, experiment="tabcons-paper-table",
         register=None,
-        train=TrainSettings(epochs=args.epochs, lora=LoraSettings(layers=args.lora_layers)),
+        train=TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                            head_learning_rate=args.head_lr, lora=LoraSettings(layers=args.lora_layers)),
         scorer=ScorerSettings(k=k, sigma=sigma),
     )
 
@@ -87,8 +91,9 @@ def _write(out_dir: Path, payload: dict[str, Any]) -> None:
     settings = payload["settings"]
     lines = [
         markdown_table(payload["rows"]),
-        f"M = {settings['seeds']} members per row (seed 0 is the reference), {settings['epochs']} epochs, LoRA on the top "
-        f"{settings['lora_layers']} layers of MiniLM-L6, {settings['eval_rows']} stratified test rows, k = {settings['k']}, "
+        f"M = {settings['seeds']} members per row (seed 0 is the reference), {settings['epochs']} epochs of batch "
+        f"{settings['batch_size']}, learning rates {settings['lr']:g} (LoRA) / {settings['head_lr']:g} (head), LoRA on the top "
+        f"{settings['lora_layers']} layer(s) of MiniLM-L6, {settings['eval_rows']} stratified test rows, k = {settings['k']}, "
         f"alpha = 0.05 (empirical Bernstein), MC-dropout with {settings['dropout_passes']} passes. rho(PR): Spearman "
         "correlation with the members' prediction range (negative is good); AUROC: for \"all members agree with the "
         "reference\" (above 0.5 is good); cert. agreement: mean share of the other members agreeing with the reference "

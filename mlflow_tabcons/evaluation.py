@@ -123,12 +123,14 @@ def members_summary(labels: np.ndarray, member_probabilities: np.ndarray) -> dic
     scores = [classification_scores(labels, p) for p in probabilities]
     accuracy = np.array([s["accuracy"] for s in scores])
     balanced = np.array([s["balanced_accuracy"] for s in scores])
+    ranking = np.array([s["auroc"] for s in scores])
     baseline = majority_rate(labels)
     return {
         "accuracy_mean": float(accuracy.mean()),
         "accuracy_min": float(accuracy.min()),
         "accuracy_max": float(accuracy.max()),
         "balanced_accuracy_mean": float(balanced.mean()),
+        "auroc_mean": float(np.nanmean(ranking)) if np.isfinite(ranking).any() else float("nan"),
         "majority_rate": baseline,
         "members_beating_majority": int((accuracy > baseline).sum()),
         "beats_majority": bool(accuracy.mean() > baseline),
@@ -167,7 +169,7 @@ def _evidence(result: Mapping[str, Any]) -> str:
 
 def markdown_table(results: Sequence[Mapping[str, Any]], measures: Sequence[str] = ("consistency", "confidence", "dropout")) -> str:
     """One table row per evaluation result; a row whose members do not beat the majority class is marked."""
-    header = ["dataset", "shots", "M", "sigma", "k", "acc", "bal. acc", "majority", "arbitr."]
+    header = ["dataset", "shots", "M", "sigma", "k", "acc", "bal. acc", "AUROC", "majority", "arbitr."]
     for name in measures:
         header += [f"{name} rho(PR)", f"{name} AUROC"]
     header += ["certified", "cert. agreement (>= 1-alpha?)", "evidence"]
@@ -175,7 +177,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]], measures: Sequence[str]
     for result in results:
         cells = [
             result["dataset"], result["shots"], result["seeds"], f"{result['sigma']:g} {result.get('sigma_mode', '')}".strip(),
-            result["k"], _cell(result["accuracy_mean"]), _cell(result["balanced_accuracy_mean"]),
+            result["k"], _cell(result["accuracy_mean"]), _cell(result["balanced_accuracy_mean"]), _cell(result.get("auroc_mean")),
             _cell(result["majority_rate"]), _cell(result["arbitrariness"]),
         ]
         for name in measures:
