@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import requests
-from conftest import new_postgres_database, pick_free_port
+from conftest import new_postgres_database, pick_free_port, running_server
 from gate_support import KEY, POLICY, evidence, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -24,7 +22,6 @@ from mlflow_tabcons.policy import audit_trail
 
 pytestmark = pytest.mark.slow
 TABCONS = str(Path(sys.executable).with_name("tabcons"))
-STARTUP_SECONDS = 180
 PREFIXES = ["/api/2.0", "/ajax-api/2.0"]
 
 
@@ -47,39 +44,15 @@ def server(backend: str, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("gate-server-files")
     (root / "policy.yaml").write_text(POLICY)
     port = pick_free_port()
-    log = open(root / "server.log", "w+")
-    process = subprocess.Popen(
-        [TABCONS, "server", "--policy", str(root / "policy.yaml"), "--backend-store-uri", backend,
-         "--port", str(port), "--workers", "2", "--default-artifact-root", str(root / "artifacts"),
-         # two workers importing MLflow on a loaded machine can miss uvicorn's 5 s health check
-         "--uvicorn-opts", "--timeout-worker-healthcheck 120"],
-        env=_server_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_SECONDS
-    try:
-        while True:
-            if process.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"tabcons server exited with {process.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting up
-                pass
-            if time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"tabcons server did not answer /health within {STARTUP_SECONDS}s:\n{log.read()[-3000:]}")
-            time.sleep(1)
+    command = [
+        TABCONS, "server", "--policy", str(root / "policy.yaml"), "--backend-store-uri", backend,
+        "--port", str(port), "--workers", "2", "--default-artifact-root", str(root / "artifacts"),
+        # two workers importing MLflow on a loaded machine can miss uvicorn's 5 s health check
+        "--uvicorn-opts", "--timeout-worker-healthcheck 120",
+    ]
+    with running_server(command, env=_server_env(), ready_url=f"{url}/health", log_path=root / "server.log"):
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 @pytest.fixture()
