@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--data", default="credit-g")
     parser.add_argument("--attention-dropout", type=float, default=TrainSettings().attention_dropout,
                         help="the project's path; -1 keeps the checkpoint's value")
-    parser.add_argument("--out", default=str(RESULTS / "train.json"))
+    parser.add_argument("--out", default=str(RESULTS / "training.json"))
     args = parser.parse_args()
     shots, epochs, seeds, eval_rows = (32, 1, 2, 40) if args.quick else (128, 8, 3, 200)
 

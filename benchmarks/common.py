@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -49,9 +50,9 @@ class Clock:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
-def peak_matmul_gflops(size: int = 1024, repeats: int = 20) -> float:
-    """The fp32 matrix-multiply rate this process gets right now: the roof for every other figure."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def peak_matmul_gflops(size: int = 1024, repeats: int = 20, dtype: torch.dtype = torch.float32) -> float:
+    """The matrix-multiply rate this process gets right now in ``dtype``: the roof for figures in that precision."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     for _ in range(3):
         a @ b
     best = float("inf")
@@ -69,6 +70,32 @@ def encoder_flops(config: Any, length: int) -> float:
     ffn = getattr(config, "intermediate_size", 4 * d)
     per_layer = 2 * length * (4 * d * d + 2 * d * ffn) + 4 * length * length * d
     return float(layers * per_layer)
+
+
+def trained_member(dataset: Any, shots: int, epochs: int, device: str, cache: str | Path | None = None) -> tuple:
+    """One LoRA member fine-tuned on ``shots`` compact-serialized rows: the model the scoring figures use.
+
+    Returns (classifier, tokenizer, serializer, split); the classifier has its
+    LoRA merged, as the flavor packages it. With ``cache``, a member trained
+    before with the same data, shots and epochs is loaded from there instead.
+    """
+    from mlflow_tabcons.data import few_shot, split_dataset
+    from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings, encode
+    from mlflow_tabcons.model import ClassifierSpec, load_classifier, load_encoder, load_tokenizer, resolve_model_path, save_classifier
+    from mlflow_tabcons.serialize import RowSerializer
+
+    split = split_dataset(dataset, seed=0)
+    model_path = resolve_model_path("minilm")
+    tokenizer = load_tokenizer(model_path)
+    serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, "compact")
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = Path(cache or scratch) / f"{dataset.name}-{shots}shots-{epochs}epochs"
+        if not (saved / "classifier.json").exists():
+            frame = few_shot(split.train, dataset.target, shots, seed=0)
+            rows = encode(tokenizer, serializer.serialize_frame(frame), dataset.encode_labels(frame), 256)
+            trainer = EnsembleTrainer(load_encoder(model_path), len(dataset.labels), TrainSettings(epochs=epochs), rows, device=device)
+            save_classifier(trainer.train_member(0).classifier, saved, ClassifierSpec(num_labels=len(dataset.labels)))
+        return load_classifier(saved)[0].to(device), tokenizer, serializer, split
 
 
 def write_result(payload: dict[str, Any], out: str | Path) -> Path:

@@ -96,10 +96,22 @@ class ProbabilityBackend(Protocol):
         """(B, L, d) embeddings and (B, L) mask -> (B, C) class probabilities."""
 
 
-class TorchBackend:
-    """The scorer's view of a ``TabularClassifier`` in PyTorch."""
+PRECISIONS = ("float32", "bfloat16")
 
-    def __init__(self, classifier: torch.nn.Module, device: str = "cpu") -> None:
+
+class TorchBackend:
+    """The scorer's view of a ``TabularClassifier`` in PyTorch.
+
+    ``precision="bfloat16"`` runs the forward passes under bfloat16 autocast
+    (embeddings, neighbours and probabilities stay float32). Where the matrix
+    unit has bfloat16 (AMX on recent Xeons, any recent GPU) this is several
+    times faster; the probabilities move by about 1e-2, so a row whose bound
+    sits right at tau can change its certificate (benchmarks/bench_scoring.py
+    measures how often).
+    """
+
+    def __init__(self, classifier: torch.nn.Module, device: str = "cpu", precision: str = "float32") -> None:
+        self.precision = check_choice("precision", precision, PRECISIONS)
         self.classifier = classifier.to(device).eval()
         self.device = device
 
@@ -109,7 +121,9 @@ class TorchBackend:
 
     @torch.inference_mode()
     def probabilities(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
-        logits = self.classifier.logits_from_embeddings(embeddings.to(self.device), attention_mask.to(self.device))
+        device_type = torch.device(self.device).type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
+            logits = self.classifier.logits_from_embeddings(embeddings.to(self.device), attention_mask.to(self.device))
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
 
@@ -158,9 +172,9 @@ def neighbour_directions(key: bytes, start: int, count: int, shape: tuple[int, i
     """Directions of neighbours start..start+count-1 of a row: unit Frobenius norm (sphere),
     or Gaussian scaled so the expected squared norm is 1. Each depends only on (key, index)."""
     out = torch.empty((count, *shape))
-    for j in range(count):
-        generator = torch.Generator().manual_seed(_neighbour_seed(key, start + j))
-        out[j] = torch.randn(shape, generator=generator)
+    generator = torch.Generator()
+    for j in range(count):  # one seeded draw per neighbour, written in place
+        torch.randn(shape, generator=generator.manual_seed(_neighbour_seed(key, start + j)), out=out[j])
     if noise == "sphere":
         return out / out.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
     return out / float(shape[0] * shape[1]) ** 0.5

@@ -127,3 +127,21 @@ def test_bad_settings_are_refused_with_the_parameter_named(overrides, message):
 def test_empty_input_is_refused():
     with pytest.raises(TabconsInputError, match="no rows"):
         ConsistencyScorer(RecordingBackend()).score([])
+
+
+def test_bfloat16_passes_stay_close_to_float32_and_differ_from_them(tiny_model_dir):
+    classifier = build_classifier(load_encoder(tiny_model_dir), 2, lora=LoraSettings(), seed=0)
+    embeddings = torch.randn(6, 9, classifier.config.hidden_size)
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[3:, 5:] = 0
+    exact = TorchBackend(classifier).probabilities(embeddings, mask)
+    fast = TorchBackend(classifier, precision="bfloat16").probabilities(embeddings, mask)
+    assert fast.dtype == exact.dtype and fast.shape == exact.shape
+    np.testing.assert_allclose(fast, exact, atol=0.03)
+    assert np.abs(fast - exact).max() > 0, "the bfloat16 path must really run in lower precision"
+
+
+def test_an_unknown_precision_is_refused(tiny_model_dir):
+    classifier = build_classifier(load_encoder(tiny_model_dir), 2, lora=LoraSettings(), seed=0)
+    with pytest.raises(TabconsInputError, match="precision must be one of"):
+        TorchBackend(classifier, precision="float16")
