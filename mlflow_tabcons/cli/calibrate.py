@@ -7,15 +7,7 @@ from pathlib import Path
 
 import click
 
-from mlflow_tabcons.cli.options import (
-    _blank_is_none,
-    data_options,
-    experiment_option,
-    scorer_options,
-    training_config_from_options,
-    training_options,
-    user_errors,
-)
+from mlflow_tabcons.cli.options import _blank_is_none, ensemble_options, training_config_from_options, user_errors
 from mlflow_tabcons.errors import TabconsInputError
 
 
@@ -27,10 +19,7 @@ def _numbers(kind: type, text: str, name: str) -> tuple:
 
 
 @click.command()
-@data_options
-@training_options
-@scorer_options
-@experiment_option
+@ensemble_options
 @click.option("--sigmas", default="0.25,0.5,1,2", show_default=True, help="Comma-separated sigmas to try (in --sigma-mode units).")
 @click.option("--ks", default="16,32,64", show_default=True, help="Comma-separated k to try at the chosen sigma.")
 @click.option("--sweep-k", type=int, default=32, show_default=True, help="Neighbours per row while sweeping sigma.")

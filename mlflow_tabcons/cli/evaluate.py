@@ -9,21 +9,15 @@ import click
 from mlflow_tabcons.cli.options import (
     _blank_is_none,
     calibration_option,
-    data_options,
-    experiment_option,
-    scorer_options,
+    ensemble_options,
     training_config_from_options,
-    training_options,
     user_errors,
 )
 
 
 @click.command()
-@data_options
-@training_options
-@scorer_options
+@ensemble_options
 @calibration_option
-@experiment_option
 @click.option("--dropout-passes", type=int, default=20, show_default=True, help="Stochastic passes of the MC-dropout baseline.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, callback=_blank_is_none, help="Also write the result as JSON here.")
 @user_errors

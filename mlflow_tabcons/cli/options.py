@@ -121,6 +121,9 @@ experiment_option = click.option(
     help="MLflow experiment name (under `mlflow run` the run's own experiment is used).",
 )
 
+# What every command that fine-tunes an ensemble takes (train adds its registration options).
+ensemble_options = _stack(data_options, training_options, scorer_options, experiment_option)
+
 
 def train_settings_from_options(options: dict[str, Any]) -> TrainSettings:
     modules = tuple(m.strip() for m in options["lora_modules"].split(",") if m.strip())
