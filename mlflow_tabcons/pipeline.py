@@ -30,6 +30,7 @@ from mlflow_tabcons.model import DEFAULT_MODEL, load_encoder, load_tokenizer, re
 from mlflow_tabcons.plots import consistency_histogram, consistency_vs_range
 from mlflow_tabcons.registration import DEFAULT_REGISTER, register_reference, registered_model_name
 from mlflow_tabcons.serialize import TEMPLATES, RowSerializer
+from mlflow_tabcons.tracking_store import initialize_tracking_store
 
 logger = logging.getLogger(__name__)
 
@@ -283,9 +284,12 @@ def _open_parent(config: TrainingConfig, data: PreparedData, resume_run_id: str 
         run = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tag(resume.RESUMED_TAG, "true")
         return run
+    experiment_id = None
     if config.experiment and not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(config.experiment)
-    run = mlflow.start_run(run_name=f"{data.dataset.name}-{config.shots}shots-{config.seeds}seeds")
+        # passed on explicitly: when another process creates the experiment at the same moment,
+        # set_experiment returns it without making it the active one
+        experiment_id = mlflow.set_experiment(config.experiment).experiment_id
+    run = mlflow.start_run(run_name=f"{data.dataset.name}-{config.shots}shots-{config.seeds}seeds", experiment_id=experiment_id)
     mlflow.set_tags({"tabcons.role": "ensemble", "tabcons.dataset": data.dataset.name})
     _log_new_params(run, config.params())
     resume.log_config(config)
@@ -300,6 +304,7 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
     """
     _configure_threads()
     data = prepare_data(config)
+    initialize_tracking_store()
     with _open_parent(config, data, resume_run_id) as parent:
         _log_new_params(parent, {"n_train": len(data.train), "n_eval": len(data.evaluation), "labels": ",".join(map(str, data.dataset.labels))})
         device = _device()
