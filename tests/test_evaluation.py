@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -256,3 +260,28 @@ def test_evaluate_refuses_bad_input_before_training(tracking_uri, tiny_model_dir
     assert result.exit_code != 0
     assert "dropout_passes must be >= 2" in result.output
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+@pytest.mark.slow
+def test_mlflow_run_evaluate_entry_point(tmp_path, tiny_model_dir):
+    """The MLproject's `evaluate` entry point in a real `mlflow run` subprocess, blank optional parameters included."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    out = tmp_path / "evaluation.json"
+    params = {"data": "diabetes", "model": tiny_model_dir, "seeds": 2, "shots": 24, "epochs": 1, "eval_rows": 20, "k": 16,
+              "out": str(out)}
+    command = [sys.executable, "-m", "mlflow", "run", str(Path(__file__).resolve().parent.parent), "-e", "evaluate",
+               "--env-manager", "local", "--experiment-name", "mlproject-evaluate"]
+    for key, value in params.items():
+        command += ["-P", f"{key}={value}"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = json.loads(out.read_text())
+    assert REQUIRED_KEYS <= set(written) and written["seeds"] == 2
+    mlflow.set_tracking_uri(uri)
+    try:
+        run = mlflow.get_run(written["parent_run_id"])
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert run.info.status == "FINISHED" and run.data.tags["tabcons.evaluation"] == "true"
