@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--tracking-uri", default=None, help="default: a fresh SQLite store in a temporary folder")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                        help="only merge the paper_table.json files of runs made side by side into --out-dir")
     return parser.parse_args(argv)
 
 
@@ -108,15 +110,33 @@ def _write(out_dir: Path, payload: dict[str, Any]) -> None:
         )
     if settings["sigma"] is not None:
         lines.append(f"sigma = {settings['sigma']:g} (relative to ||E(x)||_F), stated, not calibrated.")
-    lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min on {payload['machine']['cores']} CPU cores "
-                 f"({payload['machine']['cpu']}), shared with other jobs.")
+    split = f", the sum of {len(payload['parts'])} processes run side by side" if len(payload.get("parts", [])) > 1 else ""
+    lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min{split}, on {payload['machine']['cores']} CPU cores "
+                 f"({payload['machine']['cpu']}) shared with three other agents' jobs (load average 13-16), one torch "
+                 "thread per process (OMP_NUM_THREADS=1).")
     (out_dir / "paper_table.md").write_text("\n\n".join(lines) + "\n")
+
+
+def combine(paths: list[Path], out_dir: Path) -> dict[str, Any]:
+    """One table from runs made side by side; their wall times add up (each ran on the same shared cores)."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    payload = {**parts[0], "rows": [], "calibrations": {}, "seconds_total": 0.0, "cpu_seconds_total": 0.0,
+               "parts": [part["settings"] for part in parts]}
+    for part in parts:
+        payload["rows"] += part["rows"]
+        payload["calibrations"].update(part["calibrations"])
+        payload["seconds_total"] += part["seconds_total"]
+        payload["cpu_seconds_total"] += part.get("cpu_seconds_total", 0.0)
+    _write(out_dir, payload)
+    return payload
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.combine:
+        return combine([Path(path) for path in args.combine], out_dir)
     mlflow.set_tracking_uri(args.tracking_uri or f"sqlite:///{tempfile.mkdtemp(prefix='paper-table-')}/mlflow.db")
     shots = _list(int, args.shots)
     shots_for = {name: _list(int, counts) for name, counts in (item.split("=", 1) for item in args.shots_for)}
