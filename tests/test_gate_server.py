@@ -22,6 +22,7 @@ from mlflow_tabcons.policy import audit_trail
 
 pytestmark = pytest.mark.slow
 TABCONS = str(Path(sys.executable).with_name("tabcons"))
+PROJECT = Path(__file__).resolve().parents[1]
 PREFIXES = ["/api/2.0", "/ajax-api/2.0"]
 
 
@@ -122,6 +123,14 @@ def test_copy_into_a_new_name_over_rest_leaves_nothing(server, client, name):
     assert missing.status_code == 404
 
 
+def test_python_client_copy_over_rest_is_refused_and_leaves_nothing(client, name):
+    weak = new_version(client, name, lower=0.6)
+    # the REST client's copy (MLflow's AbstractStore) re-wraps the 403, but the reasons survive
+    with pytest.raises(MlflowException, match=f"copy from {name}.*0.6000 < 0.8000"):
+        client.copy_model_version(f"models:/{name}/{weak.version}", f"prod-{name}")
+    assert client.search_registered_models(f"name = 'prod-{name}'") == []
+
+
 def test_rename_to_dodge_refused_over_rest(server, client, name):
     sandbox = f"sandbox-{name}"
     weak = new_version(client, sandbox, signed=False)
@@ -160,6 +169,18 @@ def test_tabcons_promote_and_audit_commands(server, client, backend, name):
                            capture_output=True, text=True, env=_server_env())
     lines = [line for line in trail.stdout.splitlines() if "set_alias" in line]
     assert [("REFUSED" in lines[0]), ("ALLOWED" in lines[1])] == [True, True], trail.stdout
+
+
+def test_mlproject_promote_entry_point(server, client, name):
+    strong = new_version(client, name)
+    env = {**_server_env(), "MLFLOW_TRACKING_URI": server}
+    result = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(PROJECT), "-e", "promote", "--env-manager", "local",
+         "-P", f"name={name}", "-P", f"version={strong.version}", "-P", f"registry_uri={server}"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert aliases(server, name) == {"champion": strong.version}
 
 
 def test_eight_concurrent_promotions_over_rest(server, client, backend, name):

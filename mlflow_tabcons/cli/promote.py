@@ -40,4 +40,5 @@ def promote(name: str, version: str, alias: str, stage: bool, justification: str
         raise
     target = Target("stage", alias.capitalize()) if stage else Target("alias", alias)
     verdict = client.get_model_version(name, version).tags.get(target.verdict_tag)
-    click.echo(f"{name} version {version} -> {'stage ' if stage else '@'}{alias}" + (f": {verdict}" if verdict else " (not protected by the policy)"))
+    outcome = f": {verdict}" if verdict else " (not protected by the policy)"
+    click.echo(f"{name} version {version} -> {target.describe()}{outcome}")

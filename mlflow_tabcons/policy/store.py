@@ -133,7 +133,7 @@ class GatedRegistryStore(SqlAlchemyStore):
 
     def _cases_needed(self, model: str, target: Target, version: str, evidence_of: tuple[str, str] | None = None) -> list[_Case]:
         """[] when the policy does not protect this target; one case otherwise (also when the policy is unreadable)."""
-        policy, problem = self._policy()
+        policy, _problem = self._policy()
         rules = policy.rules_for(model, target) if policy is not None else None
         if policy is not None and rules is None:
             return []
@@ -184,7 +184,8 @@ class GatedRegistryStore(SqlAlchemyStore):
         incumbent = self._incumbent(case.model, case.target, session) if wants_incumbent else None
         glass = self._take_break_glass(*case.evidence_of)
         if glass is not None and (policy is None or not policy.allow_break_glass):
-            problems.append("break-glass is not available: " + ("the policy is unreadable" if policy is None else "the policy sets allow_break_glass: false"))
+            why = "the policy is unreadable" if policy is None else "the policy sets allow_break_glass: false"
+            problems.append(f"break-glass is not available: {why}")
             glass = None
         return decide(case.model, case.version, case.target, case.rules, evidence,
                       problems=tuple(problems), incumbent=incumbent, break_glass=glass)
