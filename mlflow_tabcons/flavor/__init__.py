@@ -65,12 +65,6 @@ def get_default_pip_requirements(backend: str = "torch") -> list[str]:
     return [_get_pinned_requirement(package) for package in packages]
 
 
-def get_default_conda_env(backend: str = "torch") -> dict[str, Any]:
-    from mlflow.utils.environment import _mlflow_conda_env
-
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements(backend))
-
-
 def _label_type(labels: list[Any]) -> str:
     if all(isinstance(label, bool) for label in labels):
         return "boolean"
@@ -135,7 +129,6 @@ def save_model(
     pip_requirements: Any = None,
     extra_pip_requirements: Any = None,
     metadata: dict[str, Any] | None = None,
-    **_: Any,
 ) -> None:
     """Write the model as an MLflow model directory (``tabcons`` + ``python_function`` flavors).
 
@@ -148,10 +141,9 @@ def save_model(
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
     mlflow_model = mlflow_model or Model()
-    saved_example = _save_example(mlflow_model, input_example, path)
+    _save_example(mlflow_model, input_example, path)
     if signature is None:
-        example_frame = pd.DataFrame(input_example) if saved_example is not None and input_example is not None else None
-        signature = tabcons_signature(tabcons_model, example_frame)
+        signature = tabcons_signature(tabcons_model, None if input_example is None else pd.DataFrame(input_example))
     mlflow_model.signature = signature
     if metadata is not None:
         mlflow_model.metadata = metadata
