@@ -183,3 +183,23 @@ def test_real_minilm_weights_round_trip_through_the_flavor(tmp_path, diabetes_fe
     loaded = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     pd.testing.assert_frame_equal(loaded.predict(rows), expected, atol=1e-5, rtol=0)
     assert loaded.get_raw_model().classifier.config.hidden_size == 384
+
+
+@pytest.mark.parametrize(
+    "template, dataset, expected",
+    [("tabcons-{dataset}", "credit-g", "tabcons-credit-g"), ("tabcons-{dataset}", "My Loans (2024)", "tabcons-my-loans-2024"),
+     ("risk-model", "credit-g", "risk-model"), ("{dataset}", "pima_v2.1", "pima_v2.1")],
+)
+def test_registered_names_fill_in_a_registry_safe_dataset_name(template, dataset, expected):
+    from mlflow_tabcons.registration import registered_model_name
+
+    assert registered_model_name(template, dataset) == expected
+
+
+@pytest.mark.parametrize("template", ["", "   ", "a/b", "models:x"])
+def test_registered_names_that_cannot_be_model_uris_are_refused(template):
+    from mlflow_tabcons.errors import TabconsInputError
+    from mlflow_tabcons.registration import registered_model_name
+
+    with pytest.raises(TabconsInputError, match="--register must be a model name"):
+        registered_model_name(template, "credit-g")
