@@ -183,6 +183,24 @@ def test_mlproject_promote_entry_point(server, client, name):
     assert aliases(server, name) == {"champion": strong.version}
 
 
+def test_evidence_from_a_real_training_run_is_trusted_by_the_gate(server, client, backend, name, tiny_model_dir):
+    """`tabcons train --register` against the gated server: the gate judges the numbers the run logged."""
+    args = ["train", "--data", "diabetes", "--model", tiny_model_dir, "--shots", "24", "--epochs", "1", "--eval-rows", "12",
+            "--k", "16", "--batch-size", "8", "--seeds", "2", "--register", name]
+    trained = subprocess.run([TABCONS, *args], capture_output=True, text=True, timeout=900,
+                             env={**_server_env(), "MLFLOW_TRACKING_URI": server, "HF_HUB_OFFLINE": "1"})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    post(server, "/api/2.0", "registered-models/alias", {"name": name, "alias": "champion", "version": "1"})
+    (row,) = [r for r in audit_trail("tabcons+" + backend, name) if r.action == "set_alias"]
+    assert row.detail["problems"] == []  # signature, run id and payload all verified
+    metrics = client.get_run(client.get_model_version(name, "1").run_id).data.metrics
+    values = {c["rule"]: c["value"] for c in row.detail["checks"]}
+    assert values["min_certified_fraction"] == pytest.approx(metrics["certified_fraction_lower"])
+    assert values["max_arbitrariness"] == pytest.approx(metrics["arbitrariness"])
+    assert row.allowed == all(c["passed"] for c in row.detail["checks"])
+    assert (aliases(server, name) == {"champion": "1"}) == row.allowed
+
+
 def test_eight_concurrent_promotions_over_rest(server, client, backend, name):
     """Four candidates pass against the incumbent but disagree with each other: exactly one may win."""
     incumbent = new_version(client, name)
