@@ -114,3 +114,15 @@ def test_onnx_backend_of_a_model_saved_without_it_is_refused(trained_like, tmp_p
         flavor.load_model(str(tmp_path / "model"), backend="onnx")
     with pytest.raises(TabconsInputError, match="backend must be one of"):
         flavor.save_model(trained_like, tmp_path / "other", backend="tensorrt")
+
+
+def test_a_failed_export_leaves_no_half_written_model(trained_like, tmp_path, monkeypatch):
+    import mlflow_tabcons.onnx
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(mlflow_tabcons.onnx, "export_onnx", broken)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        flavor.save_model(trained_like, tmp_path / "model", backend="onnx")
+    assert not (tmp_path / "model").exists()

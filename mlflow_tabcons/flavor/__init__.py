@@ -13,6 +13,7 @@ signature declares the raw feature columns and the inference params
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -140,7 +141,23 @@ def save_model(
     check_choice("backend", backend, BACKENDS)
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
-    mlflow_model = mlflow_model or Model()
+    try:
+        _write_model_directory(tabcons_model, path, backend, mlflow_model or Model(), signature, input_example, metadata)
+        _write_environment(path, backend, conda_env, pip_requirements, extra_pip_requirements)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)  # nothing half-written: a failed save leaves no model behind
+        raise
+
+
+def _write_model_directory(
+    tabcons_model: TabconsModel,
+    path: str,
+    backend: str,
+    mlflow_model: Model,
+    signature: ModelSignature | None,
+    input_example: ModelInputExample | None,
+    metadata: dict[str, Any] | None,
+) -> None:
     _save_example(mlflow_model, input_example, path)
     if signature is None:
         signature = tabcons_signature(tabcons_model, None if input_example is None else pd.DataFrame(input_example))
@@ -166,7 +183,6 @@ def save_model(
     if size := get_total_file_size(path):
         mlflow_model.model_size_bytes = size
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
-    _write_environment(path, backend, conda_env, pip_requirements, extra_pip_requirements)
 
 
 def _write_environment(path: str, backend: str, conda_env: Any, pip_requirements: Any, extra: Any) -> None:
