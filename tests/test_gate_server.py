@@ -235,3 +235,30 @@ def test_server_command_refuses_a_malformed_policy(tmp_path):
                             capture_output=True, text=True, env=_server_env(), timeout=120)
     assert result.returncode != 0
     assert "line 4" in result.stderr and "on: point or lower" in result.stderr
+
+
+def test_audit_names_the_authenticated_user(tmp_path, monkeypatch):
+    """Behind MLflow's basic-auth app the audit records who asked, not just an address."""
+    password = "gate-test-Passw0rd!"
+    (tmp_path / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{tmp_path / 'auth.db'}\nadmin_username = admin\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    backend, port = f"sqlite:///{tmp_path / 'mlflow.db'}", pick_free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [TABCONS, "server", "--policy", str(tmp_path / "policy.yaml"), "--backend-store-uri", backend,
+               "--port", str(port), "--workers", "1", "--app-name", "basic-auth",
+               "--default-artifact-root", str(tmp_path / "artifacts")]
+    env = {**_server_env(), "MLFLOW_AUTH_CONFIG_PATH": str(tmp_path / "auth.ini"), "MLFLOW_FLASK_SERVER_SECRET_KEY": "gate-test"}
+    with running_server(command, env=env, ready_url=f"{url}/health", log_path=tmp_path / "server.log"):
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        client = MlflowClient(url, url)
+        weak = new_version(client, "credit", lower=0.6)
+        with pytest.raises(MlflowException, match="0.6000 < 0.8000"):
+            client.set_registered_model_alias("credit", "champion", weak.version)
+    rows = audit_trail("tabcons+" + backend, "credit")
+    assert [r.action for r in rows] == ["set_evidence", "set_alias"]
+    assert {r.actor for r in rows} == {"admin via REST"}
