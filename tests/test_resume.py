@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
-import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -18,6 +15,10 @@ from click.testing import CliRunner
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.finetune import EnsembleTrainer
 from mlflow_tabcons.resume import INTERRUPTED_TAG, MEMBER_FILE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+from reliability_faults import integrity, train_until_killed  # noqa: E402
 
 TABCONS = str(Path(sys.executable).parent / "tabcons")
 FAST = ["--shots", "24", "--epochs", "1", "--eval-rows", "20", "--k", "16", "--batch-size", "8", "--register", "none"]
@@ -135,31 +136,15 @@ def test_resume_refuses_a_run_that_is_not_a_tabcons_parent(tracking_uri):
     assert result.exit_code == 2 and "not the parent run of `tabcons train`" in result.output
 
 
-def _finished_children(db: Path) -> int:
-    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
-        return connection.execute(
-            "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
-            "where t.key = 'mlflow.parentRunId' and r.status = 'FINISHED'"
-        ).fetchone()[0]
-
-
 @pytest.mark.slow
 def test_sigkill_mid_run_keeps_the_database_and_resume_trains_only_the_missing_seeds(tracking_uri, tiny_model_dir, tmp_path):
     db = tmp_path / "mlflow.db"
     args = ["--data", "diabetes", "--model", tiny_model_dir, "--shots", "96", "--epochs", "25", "--eval-rows", "20",
             "--k", "16", "--batch-size", "8", "--seeds", "4", "--register", "none"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([TABCONS, "train", *args], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 600
-    while (not db.exists() or _finished_children(db) < 1) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert process.poll() is None, "the training process ended before it could be killed"
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    assert train_until_killed([TABCONS, "train", *args], env, db, finished=1), "training ended before it could be killed"
 
-    with sqlite3.connect(db) as connection:
-        assert connection.execute("pragma integrity_check").fetchone()[0] == "ok"
+    assert integrity(db) == "ok"
     parent = _parent()
     assert parent.info.status == "RUNNING"  # a killed process cannot close its run
     before = {c.info.run_id: c for c in _children(parent.info.run_id)}
