@@ -160,10 +160,14 @@ def _cell(value: Any, digits: int = 2) -> str:
 
 
 def _evidence(result: Mapping[str, Any]) -> str:
-    if result["beats_majority"]:
+    """Members that learned (accuracy above the majority rate and balanced accuracy above chance) make a row evidence."""
+    beats, above = result["beats_majority"], result.get("above_chance", False)
+    if beats and above:
         return "yes"
-    if result.get("above_chance"):
+    if above:
         return "**weak: balanced accuracy above chance, accuracy below the majority rate**"
+    if beats:
+        return "**weak: accuracy above the majority rate, balanced accuracy at chance**"
     return "**none: members do not beat the majority class**"
 
 

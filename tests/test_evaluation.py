@@ -134,16 +134,18 @@ def _result(**overrides):
     result = {"dataset": "d", "shots": 64, "seeds": 10, "sigma": 1.0, "sigma_mode": "relative", "k": 64,
               "accuracy_mean": 0.72, "balanced_accuracy_mean": 0.7, "majority_rate": 0.65, "arbitrariness": 0.3,
               "measures": {"consistency": quality, "confidence": quality, "dropout": quality},
-              "certified_fraction": 0.4, "certified_agreement": 0.97, "alpha": 0.05, "beats_majority": True}
+              "certified_fraction": 0.4, "certified_agreement": 0.97, "alpha": 0.05, "beats_majority": True,
+              "above_chance": True}
     return {**result, **overrides}
 
 
 def test_markdown_table_marks_rows_without_evidence_and_failed_certificates():
     table = markdown_table([_result(), _result(beats_majority=False, certified_agreement=0.9), _result(certified_agreement=None),
-                            _result(beats_majority=False, above_chance=True)])
+                            _result(beats_majority=False, above_chance=True), _result(above_chance=False)])
     lines = table.strip().splitlines()
-    assert len(lines) == 6
+    assert len(lines) == 7
     assert "weak: balanced accuracy above chance" in lines[5]
+    assert "weak: accuracy above the majority rate, balanced accuracy at chance" in lines[6]
     assert "0.97 (yes)" in lines[2] and lines[2].endswith("| yes |")
     assert "0.90 (NO)" in lines[3] and "do not beat the majority class" in lines[3]
     assert "no certified rows" in lines[4]
