@@ -140,7 +140,7 @@ def _result(**overrides):
 
 
 def test_markdown_table_marks_rows_without_evidence_and_failed_certificates():
-    table = markdown_table([_result(), _result(beats_majority=False, certified_agreement=0.9), _result(certified_agreement=None),
+    table = markdown_table([_result(), _result(beats_majority=False, above_chance=False, certified_agreement=0.9), _result(certified_agreement=None),
                             _result(beats_majority=False, above_chance=True), _result(above_chance=False)])
     lines = table.strip().splitlines()
     assert len(lines) == 7
