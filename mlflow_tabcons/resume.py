@@ -72,7 +72,7 @@ def log_config(config: TrainingConfig) -> None:
 
 
 def resumable_parent(run_id: str) -> Run:
-    """The parent run to reopen; refuse a run that is not an unfinished `tabcons train` parent."""
+    """The parent run to reopen: interrupted, FAILED, or FINISHED with failed members; nothing else."""
     client = mlflow.MlflowClient()
     try:
         run = client.get_run(run_id)
@@ -82,8 +82,8 @@ def resumable_parent(run_id: str) -> Run:
         raise
     if run.data.tags.get("tabcons.role") != "ensemble":
         raise TabconsInputError(f"--resume {run_id}: not the parent run of `tabcons train` (no tabcons.role=ensemble tag)")
-    if run.info.status == RunStatus.to_string(RunStatus.FINISHED):
-        raise TabconsInputError(f"--resume {run_id}: the run already FINISHED; there is nothing to resume")
+    if run.info.status == RunStatus.to_string(RunStatus.FINISHED) and not run.data.metrics.get("members_failed"):
+        raise TabconsInputError(f"--resume {run_id}: the run FINISHED with every member; there is nothing to resume")
     return run
 
 

@@ -51,7 +51,7 @@ def test_each_member_logs_weights_that_reload_to_the_same_probabilities(tracking
         f"tabcons/{MEMBER_FILE}" in {a.path for a in mlflow.MlflowClient().list_artifacts(c.info.run_id, "tabcons")}
         for c in children.values()
     )
-    with pytest.raises(Exception, match="already FINISHED"):
+    with pytest.raises(Exception, match="FINISHED with every member"):
         resumable_parent(parent.info.run_id)
     config = stored_config(parent)
     assert config.seeds == 2 and config.train.epochs == 1 and config.train.lora.target_modules == ("query", "key", "value", "dense")
