@@ -32,12 +32,17 @@ TABCONS = str(Path(sys.executable).parent / "tabcons")
 
 
 def finished_children(db: Path) -> int:
-    """FINISHED child runs in the SQLite file, read without taking MLflow's store."""
+    """FINISHED child runs in the SQLite file, read without taking MLflow's store (0 before its tables exist)."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as connection:
-        return connection.execute(
-            "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
-            "where t.key = 'mlflow.parentRunId' and r.status = 'FINISHED'"
-        ).fetchone()[0]
+        try:
+            return connection.execute(
+                "select count(*) from runs r join tags t on t.run_uuid = r.run_uuid "
+                "where t.key = 'mlflow.parentRunId' and r.status = 'FINISHED'"
+            ).fetchone()[0]
+        except sqlite3.OperationalError as error:  # the training process is still creating the schema
+            if "no such table" in str(error):
+                return 0
+            raise
 
 
 def integrity(db: Path) -> str:
