@@ -88,10 +88,9 @@ class Evidence:
         for name in ("sigma_mode", "bound", "eval_digest"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TabconsInputError(f"evidence {name} must be a non-empty string, got {getattr(self, name)!r}")
-        if len(decode_predictions(self.predictions)) != self.n_eval:
-            raise TabconsInputError(
-                f"evidence predictions hold {len(decode_predictions(self.predictions))} rows, n_eval says {self.n_eval}"
-            )
+        rows = len(decode_predictions(self.predictions))
+        if rows != self.n_eval:
+            raise TabconsInputError(f"evidence predictions hold {rows} rows, n_eval says {self.n_eval}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
