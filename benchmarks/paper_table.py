@@ -127,6 +127,7 @@ def combine(paths: list[Path], out_dir: Path) -> dict[str, Any]:
         payload["calibrations"].update(part["calibrations"])
         payload["seconds_total"] += part["seconds_total"]
         payload["cpu_seconds_total"] += part.get("cpu_seconds_total", 0.0)
+    payload["rows"].sort(key=lambda row: (row["dataset"], row["shots"]))
     _write(out_dir, payload)
     return payload
 
