@@ -6,15 +6,13 @@ is not its own) to @champion or the Production stage of the protected model
 target as it was, and leave a refusal in the audit trail where the gate
 audits that path. ``ATTACKS`` is also run by benchmarks/reliability_gate.py,
 which counts attempts, refusals and bypasses for reliability.json.
-
-Two attacks are known bypasses, kept as strict xfail tests until the gate
-closes them (see KNOWN_BYPASSES).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,18 +242,12 @@ ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     "policy path replaced by a directory": (_policy_made_unusable(_directory), True),
     "policy path a dangling symlink": (_policy_made_unusable(_dangling_link), True),
     "policy file emptied": (_policy_made_unusable(_emptied), True),
-    "evidence replayed onto another artifact of the same run": (evidence_replayed_on_another_artifact, True),
+    # evidence names the model it was measured on: the replay is refused when the version is created
+    "evidence replayed onto another artifact of the same run": (evidence_replayed_on_another_artifact, False),
     "churn rule dodged by deleting the alias first": (churn_dodged_by_removing_the_alias_first, True),
 }
 if os.geteuid() != 0:  # root reads a mode-000 file anyway
     ATTACKS["policy file mode 000"] = (_policy_made_unusable(_unreadable), True)
-
-KNOWN_BYPASSES = {
-    "evidence replayed onto another artifact of the same run":
-        "evidence binds the run id, not the model artifact: any source registered with that run id inherits it",
-    "churn rule dodged by deleting the alias first":
-        "delete_registered_model_alias is not gated, and with no incumbent the churn rule has nothing to compare",
-}
 
 
 @dataclass
@@ -266,8 +258,13 @@ class Outcome:
     message: str
 
 
-def new_arena(folder: Path) -> Arena:
-    """Needs TABCONS_POLICY and TABCONS_EVIDENCE_KEY pointing at ``folder``'s policy (see ``gate_environment``)."""
+def new_arena(folder: Path, template: Path | None = None) -> Arena:
+    """Needs TABCONS_POLICY and TABCONS_EVIDENCE_KEY pointing at ``folder``'s policy (see ``gate_environment``).
+
+    ``template``: an empty, already migrated database to start from (MLflow's migrations take seconds).
+    """
+    if template is not None:
+        shutil.copyfile(template, folder / "gate.db")
     uri = f"sqlite:///{folder / 'gate.db'}"
     return Arena(MlflowClient(tracking_uri=uri, registry_uri="tabcons+" + uri), uri, folder / "policy.yaml")
 
@@ -289,20 +286,24 @@ def run_attack(arena: Arena, attack: Callable[[Arena], None]) -> Outcome:
     return Outcome(refused, promoted, arena.refusals() > before, message)
 
 
+@pytest.fixture(scope="module")
+def empty_database(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gate-template")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in gate_environment(folder).items():
+            patch.setenv(key, value)
+        new_arena(folder).client.search_registered_models()  # creates and migrates the tables, gate's included
+    return folder / "gate.db"
+
+
 @pytest.fixture()
-def arena(tmp_path, monkeypatch) -> Arena:
+def arena(tmp_path, monkeypatch, empty_database) -> Arena:
     for key, value in gate_environment(tmp_path).items():
         monkeypatch.setenv(key, value)
-    return new_arena(tmp_path)
+    return new_arena(tmp_path, empty_database)
 
 
-def _params():
-    for name in ATTACKS:
-        marks = [pytest.mark.xfail(strict=True, reason=KNOWN_BYPASSES[name])] if name in KNOWN_BYPASSES else []
-        yield pytest.param(name, id=name.replace(" ", "-"), marks=marks)
-
-
-@pytest.mark.parametrize("name", list(_params()))
+@pytest.mark.parametrize("name", [pytest.param(name, id=name.replace(" ", "-")) for name in ATTACKS])
 def test_attack_is_refused_changes_nothing_and_is_audited(arena, name):
     attack, audited = ATTACKS[name]
     outcome = run_attack(arena, attack)

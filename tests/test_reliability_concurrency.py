@@ -34,5 +34,5 @@ def test_two_processes_on_one_new_sqlite_file(tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_three_processes_on_one_new_postgresql_database(tiny_model_dir, postgres_uri, tmp_path):
-    _assert_nothing_lost(run_concurrently(postgres_uri, 3, tiny_model_dir, tmp_path / "logs"))
+def test_two_processes_on_one_new_postgresql_database(tiny_model_dir, postgres_uri, tmp_path):
+    _assert_nothing_lost(run_concurrently(postgres_uri, 2, tiny_model_dir, tmp_path / "logs"))
