@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(RESULTS / "reliability.json"))
     args = parser.parse_args()
-    from test_gate_attacks import ATTACKS, KNOWN_BYPASSES, gate_environment, new_arena, run_attack
+    from test_gate_attacks import ATTACKS, gate_environment, new_arena, run_attack
 
     outcomes = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -46,7 +46,7 @@ def main() -> None:
         "refusals_audited": sum(o["audited"] for o in outcomes.values() if o["audit_expected"]),
         "audit_expected": sum(o["audit_expected"] for o in outcomes.values()),
         "bypasses_found": len(bypasses),
-        "bypasses": {name: KNOWN_BYPASSES.get(name, "new") for name in bypasses},
+        "bypasses": bypasses,
         "attacks": outcomes,
     }, args.out)
 
