@@ -96,7 +96,9 @@ def _write(out_dir: Path, payload: dict[str, Any]) -> None:
         f"M = {settings['seeds']} members per row (seed 0 is the reference), {settings['epochs']} epochs of batch "
         f"{settings['batch_size']}, learning rates {settings['lr']:g} (LoRA) / {settings['head_lr']:g} (head), LoRA on the top "
         f"{settings['lora_layers']} layer(s) of MiniLM-L6, {settings['eval_rows']} stratified test rows, k = {settings['k']}, "
-        f"alpha = 0.05 (empirical Bernstein), MC-dropout with {settings['dropout_passes']} passes. rho(PR): Spearman "
+        f"alpha = 0.05 (empirical Bernstein), MC-dropout with {settings['dropout_passes']} passes. acc, bal. acc, AUROC: "
+        "the members' mean accuracy, balanced accuracy and AUROC on the test rows; majority: the majority-class rate; "
+        "arbitr.: share of rows on which some members disagree. rho(PR): Spearman "
         "correlation with the members' prediction range (negative is good); AUROC: for \"all members agree with the "
         "reference\" (above 0.5 is good); cert. agreement: mean share of the other members agreeing with the reference "
         "on certified rows.",
