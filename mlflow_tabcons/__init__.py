@@ -27,6 +27,9 @@ _EXPORTS = {
     "TorchBackend": "mlflow_tabcons.consistency",
     "TrainingConfig": "mlflow_tabcons.pipeline",
     "run_training": "mlflow_tabcons.pipeline",
+    "run_evaluation": "mlflow_tabcons.evaluation_job",
+    "run_calibration": "mlflow_tabcons.calibration",
+    "CalibrationGrid": "mlflow_tabcons.calibration",
     "TabconsInputError": "mlflow_tabcons.errors",
     "TabconsModel": "mlflow_tabcons.flavor",
 }
