@@ -92,9 +92,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads for both sides (default: torch's)")
     parser.add_argument("--repeats", type=int, default=1, help="ours-baseline-ours rounds; medians are reported")
     parser.add_argument("--member-cache", help="reuse a member trained earlier with the same settings (see common.py)")
+    parser.add_argument("--rows", type=int, help="how many test rows to score (default 60, quick 8)")
     parser.add_argument("--out", default=str(RESULTS / "scoring.json"))
     args = parser.parse_args()
     n_rows, k_max, shots, epochs = (8, 64, 32, 1) if args.quick else (60, 256, 256, 8)
+    n_rows = args.rows or n_rows
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -32,7 +32,7 @@ from common import RESULTS, machine, trained_member, write_result  # noqa: E402
 
 from mlflow_tabcons import flavor  # noqa: E402
 from mlflow_tabcons.consistency import ScorerSettings  # noqa: E402
-from mlflow_tabcons.data import load_dataset, stratified_sample  # noqa: E402
+from mlflow_tabcons.data import load_dataset  # noqa: E402
 from mlflow_tabcons.model import ClassifierSpec  # noqa: E402
 
 STARTUP_SECONDS = 300
@@ -66,11 +66,13 @@ class Server:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w+")
-        path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+        # `uvicorn` comes from PATH: the one next to this Python; the server's own 60 s request limit is raised
+        env = {**os.environ, "PATH": os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+               "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(REQUEST_SECONDS)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "models", "serve", "-m", str(model_path), "--env-manager", "local",
              "--host", "127.0.0.1", "--port", str(self.port)],
-            env={**os.environ, "PATH": path}, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
     def __enter__(self) -> Server:
@@ -122,18 +124,22 @@ def latency(values: list[float]) -> dict[str, float | int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke-test configuration")
-    parser.add_argument("--data", default="credit-g")
+    parser.add_argument("--data", default="diabetes")
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--member-cache", help="reuse a member trained earlier with the same settings (see common.py)")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
+    parser.add_argument("--batch-requests", type=int, help="how many 100-row requests (default 5, quick 2)")
     args = parser.parse_args()
     shots, epochs, single_requests, batch_requests, batch_rows = (32, 1, 4, 2, 10) if args.quick else (256, 8, 20, 5, 100)
+    batch_requests = args.batch_requests or batch_requests
 
     dataset = load_dataset(args.data)
-    classifier, tokenizer, serializer, split = trained_member(dataset, shots, epochs, "cpu", args.member_cache)
+    classifier, tokenizer, serializer, _ = trained_member(dataset, shots, epochs, "cpu", args.member_cache)
     settings = ScorerSettings(k=args.k, bound="betting", early_stop=True)
-    pool = stratified_sample(split.test, dataset.target, single_requests + batch_requests * batch_rows + 1, seed=2,
-                             what="rows")[dataset.features].reset_index(drop=True)
+    # latency needs distinct rows, not held-out ones: the test split of a small table is too short
+    pool = dataset.frame[dataset.features].sample(frac=1.0, random_state=2).reset_index(drop=True)
+    if len(pool) < single_requests + batch_requests * batch_rows + 1:
+        raise SystemExit(f"{args.data} has {len(pool)} rows, too few for {batch_requests} requests of {batch_rows}")
     with tempfile.TemporaryDirectory() as root:
         model_path = package(Path(root), classifier, tokenizer, serializer, dataset, settings)
         with Server(model_path, Path(root) / "server.log") as server:
@@ -145,7 +151,7 @@ def main() -> None:
     result = {
         "benchmark": "serving latency",
         "machine": machine(),
-        "config": {"data": args.data, "model": "minilm (LoRA fine-tuned, 1 member)", "shots": shots, "epochs": epochs,
+        "config": {"data": args.data, "model": "minilm (LoRA fine-tuned and merged, 1 member)", "shots": shots, "epochs": epochs,
                    "server": "mlflow models serve --env-manager local (1 worker)", "k": args.k,
                    "scorer": settings.to_dict(), "torch_threads_client": torch.get_num_threads()},
         "one_row": latency(single),

@@ -93,12 +93,14 @@ def train_baseline_member(model_path, tokenizer, texts, labels, eval_texts, sett
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke-test configuration (seconds, not minutes)")
-    parser.add_argument("--data", default="credit-g")
+    parser.add_argument("--data", default="diabetes")
     parser.add_argument("--attention-dropout", type=float, default=TrainSettings().attention_dropout,
                         help="the project's path; -1 keeps the checkpoint's value")
+    parser.add_argument("--seeds", type=int, help="ensemble size M (default 3, quick 2)")
     parser.add_argument("--out", default=str(RESULTS / "training.json"))
     args = parser.parse_args()
-    shots, epochs, seeds, eval_rows = (32, 1, 2, 40) if args.quick else (128, 8, 3, 200)
+    shots, epochs, seeds, eval_rows = (32, 1, 2, 40) if args.quick else (128, 8, 3, 150)
+    seeds = args.seeds or seeds
 
     dataset = load_dataset(args.data)
     split = split_dataset(dataset, seed=0)

@@ -1,0 +1,106 @@
+"""The README's speed table, rendered from the results files the speed benchmarks wrote.
+
+    python benchmarks/speed_table.py [--out benchmarks/results/speed.md]
+
+Reads results/scoring.json, training.json and serving.json (whichever exist)
+and prints a markdown table: machine, date, medians, ratios, and whether each
+target of issue 6 is met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RESULTS  # noqa: E402
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _met(condition: bool) -> str:
+    return "met" if condition else "**not met**"
+
+
+def scoring_lines(result: dict[str, Any]) -> list[str]:
+    config = result["config"]
+    lines = [
+        f"| Certified scoring, {result['rows']} {config['data']} rows, k_max={result['k_max']} "
+        f"(~{config['mean_tokens']:.0f} tokens) | ours ({config['backend']}, {config['precision']}, early stop) "
+        f"{result['paths']['ours']['seconds']:.0f} s, baseline {result['seconds_baseline']:.0f} s | "
+        f"**{result['speedup']:.1f}x**, decisions agree {result['decisions_agree']:.3f} | "
+        f"{_met(result['speedup'] >= 5 and result['decisions_agree'] >= 0.99)} (>= 5x, >= 0.99) |",
+        f"| Scoring arithmetic rate | ours {result['achieved_gflops']:.0f} GFLOP/s of {result['peak_gflops']:.0f} "
+        f"({config['precision']} matmul peak); baseline {result['baseline_gflops']:.0f} of "
+        f"{result['peak_gflops_float32']:.0f} (float32) | {result['achieved_gflops'] / result['peak_gflops']:.0%} of peak | "
+        f"{_met(result['achieved_gflops'] >= 0.5 * result['peak_gflops'])} (>= 50% of peak) |",
+    ]
+    float32 = result["paths"].get("ours_float32")
+    if float32:
+        lines.append(
+            f"| Scoring, float32 early-stop path alone | {float32['seconds']:.0f} s, "
+            f"{float32['mean_neighbours']:.0f} neighbours/row, {float32['achieved_gflops']:.0f} of "
+            f"{result['peak_gflops_float32']:.0f} GFLOP/s | {float32['speedup']:.1f}x, agree {float32['decisions_agree']:.3f} | "
+            f"{float32['achieved_gflops'] / result['peak_gflops_float32']:.0%} of float32 peak |"
+        )
+    return lines
+
+
+def training_lines(result: dict[str, Any]) -> list[str]:
+    config = result["config"]
+    within = abs(result["accuracy_ours"] - result["accuracy_baseline"]) <= 0.02
+    return [
+        f"| Ensemble training, {config['seeds']} seeds x {config['shots']} {config['data']} rows x {config['epochs']} epochs "
+        f"| ours {result['seconds_ours']:.0f} s, Trainer+PEFT {result['seconds_baseline']:.0f} s; accuracy "
+        f"{result['accuracy_ours']:.3f} vs {result['accuracy_baseline']:.3f} | **{result['speedup']:.1f}x** "
+        f"(CPU time {result['cpu_speedup']:.1f}x) | {_met(result['speedup'] >= 2 and within)} (>= 2x, within 2 points) |"
+    ]
+
+
+def serving_lines(result: dict[str, Any]) -> list[str]:
+    batch = next(key for key in result if key.endswith("_rows") and key != "one_row")
+    one, many = result["one_row"], result[batch]
+    return [
+        f"| `mlflow models serve`, k={result['config']['k']} | 1 row: p50 {one['p50_s']:.2f} s, p95 {one['p95_s']:.2f} s "
+        f"({one['requests']} requests); {batch.split('_')[0]} rows: p50 {many['p50_s']:.1f} s, p95 {many['p95_s']:.1f} s "
+        f"({many['requests']} requests) | | |"
+    ]
+
+
+def render() -> str:
+    sections = [("scoring.json", scoring_lines), ("training.json", training_lines), ("serving.json", serving_lines)]
+    loaded = [(load, lines) for load, lines in ((_load(name), lines) for name, lines in sections) if load]
+    if not loaded:
+        return "No speed results yet: run benchmarks/bench_scoring.py, bench_train.py, bench_serving.py.\n"
+    machine = loaded[0][0]["machine"]
+    dates = sorted({result["machine"]["date"] for result, _ in loaded})
+    head = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
+        f"({machine['torch_threads']} threads){', GPU ' + machine['cuda'] if machine['cuda'] else ''}; "
+        f"run {', '.join(dates)}.",
+        "",
+        "| What | Measured (medians) | Ratio | Target |",
+        "| --- | --- | --- | --- |",
+    ]
+    body = [line for result, lines in loaded for line in lines(result)]
+    return "\n".join(head + body) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(RESULTS / "speed.md"))
+    args = parser.parse_args()
+    table = render()
+    Path(args.out).write_text(table)
+    print(table, end="")
+
+
+if __name__ == "__main__":
+    main()
