@@ -269,7 +269,8 @@ def test_mlflow_run_evaluate_entry_point(tmp_path, tiny_model_dir):
     """The MLproject's `evaluate` entry point in a real `mlflow run` subprocess, blank optional parameters included."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_RUN_ID", None)
+    for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # mlflow.set_experiment exports the id
+        env.pop(leaked, None)
     out = tmp_path / "evaluation.json"
     params = {"data": "diabetes", "model": tiny_model_dir, "seeds": 2, "shots": 24, "epochs": 1, "eval_rows": 20, "k": 16,
               "out": str(out)}
