@@ -22,6 +22,7 @@ import math
 import os
 import secrets
 import time
+import urllib.parse
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from typing import Any
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+from mlflow.store.artifact.utils.models import get_model_name_and_version
 
 from mlflow_tabcons.errors import TabconsInputError, check_float, check_int
 
@@ -40,7 +42,9 @@ RESERVED_TAG_PREFIXES = ("tabcons.evidence", "tabcons.verdict", "tabcons.audit")
 KEY_ENV = "TABCONS_EVIDENCE_KEY"
 KEY_FILE_ENV = "TABCONS_EVIDENCE_KEY_FILE"
 DEFAULT_KEY_FILE = Path("~/.config/mlflow-tabcons/evidence.key")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# How many models:/NAME/VERSION sources a version's artifact is followed through (copies of copies).
+_MAX_SOURCE_HOPS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +54,10 @@ class Evidence:
     ``predictions`` holds the reference member's predicted class id for each
     evaluation row (see :func:`encode_predictions`), so the churn between two
     versions evaluated on the same ``eval_digest`` can be computed later.
+    ``artifact`` names the model the numbers were measured on (see
+    :func:`version_artifact`); :func:`attach_evidence` fills it in once the
+    version exists, so signed evidence cannot be replayed onto another model
+    registered from the same run.
     """
 
     run_id: str
@@ -68,6 +76,7 @@ class Evidence:
     arbitrariness: float
     predictions: str
     created_at: float = dataclasses.field(default_factory=time.time)
+    artifact: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.run_id, str) or not self.run_id:
@@ -85,6 +94,8 @@ class Evidence:
         check_float("evidence alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
         check_float("evidence tau", self.tau, low=-1.0, high=1.0)
         check_float("evidence created_at", self.created_at, low=0.0)
+        if not isinstance(self.artifact, str):
+            raise TabconsInputError(f"evidence artifact must be a string, got {self.artifact!r}")
         for name in ("sigma_mode", "bound", "eval_digest"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TabconsInputError(f"evidence {name} must be a non-empty string, got {getattr(self, name)!r}")
@@ -243,14 +254,37 @@ def ensure_evidence_key() -> bytes:
     return _read_key_file(path)
 
 
+def version_artifact(version: Any, registry: Any) -> str:
+    """The model a version serves: its logged-model id, else its source URI.
+
+    A ``models:/NAME/VERSION`` source (a copy) is followed to the version it
+    names, so a copy serves, and is bound to, its origin's model. ``registry``
+    is an ``MlflowClient`` or a registry store.
+    """
+    for _ in range(_MAX_SOURCE_HOPS):
+        if version.model_id:
+            return version.model_id
+        if urllib.parse.urlparse(version.source or "").scheme != "models":
+            return version.source or ""
+        resolved = get_model_name_and_version(registry, version.source)
+        if len(resolved) == 1:  # models:/<logged model id>
+            return resolved[0]
+        version = registry.get_model_version(resolved[0], str(resolved[1]))
+    raise _refuse(f"model version source {version.source!r} is a chain of more than {_MAX_SOURCE_HOPS} registered copies")
+
+
 def attach_evidence(client: Any, name: str, version: str | int, evidence: Evidence, key: bytes | None = None) -> None:
-    """Write the signed evidence on a model version (the gate checks the run id matches the version's run)."""
+    """Sign the evidence, bound to this version's run and model artifact, and write it on the version."""
     model_version = client.get_model_version(name, str(version))
     if model_version.run_id and model_version.run_id != evidence.run_id:
         raise TabconsInputError(
             f"evidence is for run {evidence.run_id}, but {name} version {version} comes from run {model_version.run_id}"
         )
-    client.set_model_version_tag(name, str(version), EVIDENCE_TAG, sign_evidence(evidence, key or ensure_evidence_key()))
+    artifact = version_artifact(model_version, client)
+    if evidence.artifact and evidence.artifact != artifact:
+        raise TabconsInputError(f"evidence is for model {evidence.artifact}, but {name} version {version} serves {artifact}")
+    bound = dataclasses.replace(evidence, artifact=artifact)
+    client.set_model_version_tag(name, str(version), EVIDENCE_TAG, sign_evidence(bound, key or ensure_evidence_key()))
 
 
 def is_reserved_tag(key: str) -> bool:

@@ -42,7 +42,7 @@ def test_other_key_missing_key_and_missing_tag_say_so():
 
 def test_signed_but_invalid_payload_is_refused():
     payload = {**evidence("run-1").to_dict(), "certified_fraction": 2.0}
-    value = json.dumps({"format": 1, "evidence": payload, "key_id": ev.key_id(KEY),
+    value = json.dumps({"format": ev.FORMAT_VERSION, "evidence": payload, "key_id": ev.key_id(KEY),
                         "hmac_sha256": ev.hmac.new(KEY, ev._canonical(payload), ev.hashlib.sha256).hexdigest()})
     assert "signed but invalid evidence" in _denied(value)
 

@@ -152,7 +152,8 @@ def test_main_registers_the_reference_member_with_signed_evidence_and_the_chosen
     assert evidence.certified_fraction == pytest.approx(parent.data.metrics["certified_fraction"])
 
     model = flavor.load_model("models:/pima-diabetes/1", dst_path=str(tmp_path))
-    assert model.evidence == evidence.to_dict()
+    assert version.source == f"models:/{evidence.artifact}"  # bound to this logged model, not just to the run
+    assert {**model.evidence, "artifact": evidence.artifact} == evidence.to_dict()
     assert isinstance(model.backend, OnnxBackend)
     table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
     features = table[model.columns]

@@ -109,6 +109,18 @@ def record_verdict(session: Session, verdict: Verdict, action: str) -> None:
     )
 
 
+def last_allowed_version(session: Session, model: str, target: str, *, action: str) -> str | None:
+    """The version of the newest allowed ``action`` on ``target`` of ``model``, or None."""
+    query = (
+        sa.select(AUDIT_TABLE.c.version)
+        .where(AUDIT_TABLE.c.model == model, AUDIT_TABLE.c.target == target,
+               AUDIT_TABLE.c.action == action, AUDIT_TABLE.c.allowed.is_(True))
+        .order_by(AUDIT_TABLE.c.id.desc())
+        .limit(1)
+    )
+    return session.execute(query).scalar()
+
+
 def read_audit(engine: sa.engine.Engine, model: str | None = None, limit: int | None = None) -> list[AuditRecord]:
     """Audit rows, oldest first, for one model or all."""
     query = sa.select(AUDIT_TABLE).order_by(AUDIT_TABLE.c.id)

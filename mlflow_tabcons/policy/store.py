@@ -32,7 +32,15 @@ from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 from sqlalchemy.orm import Session
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.evidence import BREAK_GLASS_TAG, EVIDENCE_TAG, Evidence, evidence_key, is_reserved_tag, verify_evidence
+from mlflow_tabcons.evidence import (
+    BREAK_GLASS_TAG,
+    EVIDENCE_TAG,
+    Evidence,
+    evidence_key,
+    is_reserved_tag,
+    verify_evidence,
+    version_artifact,
+)
 from mlflow_tabcons.policy import audit
 from mlflow_tabcons.policy.loading import PolicyError, load_policy, policy_path_from_env
 from mlflow_tabcons.policy.locking import lock_models
@@ -142,19 +150,14 @@ class GatedRegistryStore(SqlAlchemyStore):
     def _trusted_evidence(self, name: str, version: str) -> tuple[Evidence | None, str | None]:
         model_version = self.get_model_version(name, version)
         try:
-            evidence = verify_evidence(model_version.tags.get(EVIDENCE_TAG), evidence_key())
+            artifact = version_artifact(model_version, self)
+            return self._bound_evidence(model_version.tags.get(EVIDENCE_TAG), model_version.run_id, artifact), None
         except MlflowException as error:
             return None, f"{name} version {version}: {error.message}"
-        if evidence.run_id != model_version.run_id:
-            return None, (
-                f"{name} version {version}: tampered evidence: it is for run {evidence.run_id}, "
-                f"the version comes from run {model_version.run_id}"
-            )
-        return evidence, None
 
     def _incumbent(self, model: str, target: Target, session: Session) -> Incumbent | None:
         if target.kind == "alias":
-            holder = self.get_registered_model(model).aliases.get(target.name)
+            holder = self.get_registered_model(model).aliases.get(target.name) or self._last_holder(model, target, session)
         else:
             query = session.query(SqlModelVersion.version).filter(
                 SqlModelVersion.name == model, SqlModelVersion.current_stage != STAGE_DELETED_INTERNAL
@@ -166,6 +169,20 @@ class GatedRegistryStore(SqlAlchemyStore):
             return None
         evidence, problem = self._trusted_evidence(model, str(holder))
         return Incumbent(str(holder), evidence, problem)
+
+    def _last_holder(self, model: str, target: Target, session: Session) -> str | None:
+        """The version last allowed onto an alias that is now unset, if it still exists.
+
+        Removing an alias first must not turn the churn rule off for the next promotion.
+        """
+        version = audit.last_allowed_version(session, model, target.key, action="set_alias")
+        if version is None:
+            return None
+        try:
+            self.get_model_version(model, version)
+        except MlflowException:  # deleted since
+            return None
+        return version
 
     def _take_break_glass(self, name: str, version: str) -> str | None:
         """The armed justification on a version, consumed by this promotion whatever its verdict."""
@@ -237,6 +254,17 @@ class GatedRegistryStore(SqlAlchemyStore):
         cases = self._cases_needed(name, Target("alias", alias), str(version))
         return self._enforce("set_alias", cases, functools.partial(super().set_registered_model_alias, name, alias, version))
 
+    def delete_registered_model_alias(self, name, alias):
+        """Allowed; audited for a protected alias, whose next promotion is still compared with the version that held it."""
+        target = Target("alias", alias)
+        if not self._cases_needed(name, target, ""):
+            return super().delete_registered_model_alias(name, alias)
+        with self._transaction([name]) as session:
+            holder = self.get_registered_model(name).aliases.get(alias)
+            audit.record(session, action="delete_alias", model=name, version=holder, target=target.key, allowed=True,
+                         summary=f"alias @{alias} removed from version {holder}", detail={})
+            return super().delete_registered_model_alias(name, alias)
+
     def transition_model_version_stage(self, name, version, stage, archive_existing_versions):
         target = Target("stage", get_canonical_stage(stage))
         apply = functools.partial(super().transition_model_version_stage, name, version, stage, archive_existing_versions)
@@ -252,7 +280,8 @@ class GatedRegistryStore(SqlAlchemyStore):
     def create_model_version(self, name, source, run_id=None, tags=None, run_link=None, description=None,
                              local_model_path=None, model_id=None):
         origin = self._registered_source(source)
-        tags = self._checked_initial_tags(tags or [], run_id, copied=origin is not None)
+        artifact = model_id or (version_artifact(self.get_model_version(*origin), self) if origin else source)
+        tags = self._checked_initial_tags(tags or [], run_id, artifact, copied=origin is not None)
         apply = functools.partial(
             super().create_model_version, name, source, run_id=run_id, tags=tags, run_link=run_link,
             description=description, local_model_path=local_model_path, model_id=model_id,
@@ -272,7 +301,10 @@ class GatedRegistryStore(SqlAlchemyStore):
                 super(GatedRegistryStore, self).create_registered_model(dst_name)
             return super(GatedRegistryStore, self).create_model_version(
                 name=dst_name, source=f"models:/{src_mv.name}/{src_mv.version}", run_id=src_mv.run_id,
-                tags=self._checked_initial_tags([ModelVersionTag(k, v) for k, v in src_mv.tags.items()], src_mv.run_id, copied=True),
+                tags=self._checked_initial_tags(
+                    [ModelVersionTag(k, v) for k, v in src_mv.tags.items()], src_mv.run_id,
+                    version_artifact(src_mv, self), copied=True,
+                ),
                 run_link=src_mv.run_link, description=src_mv.description, model_id=src_mv.model_id,
             )
 
@@ -296,24 +328,32 @@ class GatedRegistryStore(SqlAlchemyStore):
 
     # -- tags the gate owns ------------------------------------------------------------
 
-    def _checked_initial_tags(self, tags: list, run_id: str | None, *, copied: bool) -> list:
-        """Initial version tags: evidence must verify for this run; a copy drops the source's verdicts and break-glass."""
+    def _checked_initial_tags(self, tags: list, run_id: str | None, artifact: str, *, copied: bool) -> list:
+        """Initial version tags: evidence must verify for this run and model; a copy drops the source's verdicts and break-glass."""
         kept = []
         for tag in tags:
             if copied and (tag.key.startswith(VERDICT_TAG_PREFIX) or tag.key == BREAK_GLASS_TAG):
                 continue
             if tag.key == EVIDENCE_TAG:
-                self._verify_for_run(tag.value, run_id)
+                self._bound_evidence(tag.value, run_id, artifact)
             elif tag.key == BREAK_GLASS_TAG or is_reserved_tag(tag.key):
                 raise GateRefusal(f"tag {tag.key!r} cannot be set when creating a version; only the tabcons gate writes it")
             kept.append(tag)
         return kept
 
-    def _verify_for_run(self, value: str, run_id: str | None) -> Evidence:
+    @staticmethod
+    def _bound_evidence(value: str | None, run_id: str | None, artifact: str) -> Evidence:
+        """Verified evidence measured on this very run and model artifact; anything else is refused."""
         evidence = verify_evidence(value, evidence_key())
         if evidence.run_id != run_id:
             raise GateRefusal(
-                f"tabcons evidence refused: it is for run {evidence.run_id}, the model version comes from run {run_id}"
+                f"tabcons evidence refused: tampered evidence: it is for run {evidence.run_id}, "
+                f"the model version comes from run {run_id}"
+            )
+        if evidence.artifact != artifact:
+            raise GateRefusal(
+                f"tabcons evidence refused: it was measured on model {evidence.artifact or '(unbound)'}, "
+                f"the model version serves {artifact}"
             )
         return evidence
 
@@ -329,7 +369,8 @@ class GatedRegistryStore(SqlAlchemyStore):
     def _set_evidence(self, name: str, version: str, tag: ModelVersionTag) -> None:
         with self._transaction([name]) as session:
             try:
-                evidence = self._verify_for_run(tag.value, self.get_model_version(name, version).run_id)
+                model_version = self.get_model_version(name, version)
+                evidence = self._bound_evidence(tag.value, model_version.run_id, version_artifact(model_version, self))
                 refusal = None
             except MlflowException as error:
                 refusal = error.message
