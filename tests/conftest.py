@@ -73,6 +73,8 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         mlflow.end_run()
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
+    # set_experiment exported it; monkeypatch restores only variables that existed before the test
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     del experiment
 
 
