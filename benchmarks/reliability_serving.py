@@ -165,9 +165,8 @@ def main() -> None:
         with Server(path, Path(folder) / "server.log") as server:
             load = load_test(server.url, rows, clients=args.clients, seconds=args.seconds, server_pid=server.process.pid)
             print({k: v for k, v in asdict(load).items() if k != "rss_samples"})
-            described = {"machine": machine(), "model": f"{args.model} encoder, seeded untrained LoRA and head, k={args.k}",
-                         "request": "1 row, dataframe_records"}
-            update_result("serving_load", {**described, **asdict(load)}, args.out)
+            described = {"machine": machine(), "model": f"{args.model} encoder, seeded untrained LoRA and head, k={args.k}"}
+            update_result("serving_load", {**described, "request": "1 row, dataframe_records", **asdict(load)}, args.out)
             if args.fuzz:
                 fuzz = fuzz_test(server.url, features, args.fuzz)
                 print(fuzz)
