@@ -128,10 +128,11 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--member-cache", help="reuse a member trained earlier with the same settings (see common.py)")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
+    parser.add_argument("--single-requests", type=int, help="how many 1-row requests (default 20, quick 4)")
     parser.add_argument("--batch-requests", type=int, help="how many 100-row requests (default 5, quick 2)")
     args = parser.parse_args()
     shots, epochs, single_requests, batch_requests, batch_rows = (32, 1, 4, 2, 10) if args.quick else (256, 8, 20, 5, 100)
-    batch_requests = args.batch_requests or batch_requests
+    single_requests, batch_requests = args.single_requests or single_requests, args.batch_requests or batch_requests
 
     dataset = load_dataset(args.data)
     classifier, tokenizer, serializer, _ = trained_member(dataset, shots, epochs, "cpu", args.member_cache)

@@ -47,8 +47,9 @@ def scoring_lines(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"| Scoring, float32 early-stop path alone | {float32['seconds']:.0f} s, "
             f"{float32['mean_neighbours']:.0f} neighbours/row, {float32['achieved_gflops']:.0f} of "
-            f"{result['peak_gflops_float32']:.0f} GFLOP/s | {float32['speedup']:.1f}x, agree {float32['decisions_agree']:.3f} | "
-            f"{float32['achieved_gflops'] / result['peak_gflops_float32']:.0%} of float32 peak |"
+            f"{result['peak_gflops_float32']:.0f} GFLOP/s | {float32['speedup']:.1f}x, agree {float32['decisions_agree']:.3f}, "
+            f"{float32['achieved_gflops'] / result['peak_gflops_float32']:.0%} of float32 peak | "
+            f"{_met(float32['achieved_gflops'] >= 0.5 * result['peak_gflops_float32'])} (>= 50% of its peak) |"
         )
     return lines
 
