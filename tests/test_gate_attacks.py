@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
-from mlflow_tabcons.evidence import BREAK_GLASS_TAG, EVIDENCE_TAG, sign_evidence
+from mlflow_tabcons.evidence import BREAK_GLASS_TAG, EVIDENCE_TAG, FORMAT_VERSION, sign_evidence
 from mlflow_tabcons.policy import audit_trail
 
 MODEL = "credit"
@@ -72,7 +72,7 @@ def _weak(arena: Arena, **fields: object):
 
 def forged_unsigned_evidence(arena: Arena) -> None:
     weak = _weak(arena)
-    payload = json.dumps({"format": 1, "evidence": evidence(weak.run_id, lower=0.99).to_dict()})
+    payload = json.dumps({"format": FORMAT_VERSION, "evidence": evidence(weak.run_id, lower=0.99).to_dict()})
     arena.client.set_model_version_tag(MODEL, weak.version, EVIDENCE_TAG, payload)
 
 

@@ -17,7 +17,7 @@ from gate_support import KEY, POLICY, evidence, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow_tabcons.evidence import EVIDENCE_TAG
+from mlflow_tabcons.evidence import EVIDENCE_TAG, FORMAT_VERSION
 from mlflow_tabcons.policy import audit_trail
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def test_stage_transition_refused_over_rest(server, client, name, prefix):
 
 def test_gate_tags_refused_over_rest(server, client, name):
     version = new_version(client, name, lower=0.6)
-    forged = json.dumps({"format": 1, "evidence": evidence(version.run_id, lower=0.99).to_dict(), "hmac_sha256": "0" * 64})
+    forged = json.dumps({"format": FORMAT_VERSION, "evidence": evidence(version.run_id, lower=0.99).to_dict(), "hmac_sha256": "0" * 64})
     tag = {"name": name, "version": version.version, "key": EVIDENCE_TAG, "value": forged}
     assert_denied(post(server, "/api/2.0", "model-versions/set-tag", tag), "tampered evidence")
     deleted = requests.delete(f"{server}/api/2.0/mlflow/model-versions/delete-tag",

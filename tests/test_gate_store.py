@@ -11,7 +11,7 @@ from gate_support import KEY, POLICY, evidence, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow_tabcons.evidence import EVIDENCE_TAG, sign_evidence
+from mlflow_tabcons.evidence import EVIDENCE_TAG, FORMAT_VERSION, sign_evidence
 from mlflow_tabcons.policy import PolicyError, audit_trail
 from mlflow_tabcons.policy.store import GatedRegistryStore
 
@@ -140,7 +140,7 @@ def test_hand_set_evidence_is_refused(client, database_uri, forgery):
     original = client.get_model_version("credit", version.version).tags[EVIDENCE_TAG]
     good = evidence(version.run_id, lower=0.95)
     value = {
-        "unsigned": json.dumps({"format": 1, "evidence": good.to_dict()}),
+        "unsigned": json.dumps({"format": FORMAT_VERSION, "evidence": good.to_dict()}),
         "other key": sign_evidence(good, b"someone-elses-key-0123456789"),
         "other run": sign_evidence(evidence("0" * 32, lower=0.95), KEY),
         "garbage": "certified_fraction=1.0",
