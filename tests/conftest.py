@@ -71,11 +71,21 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
+    forget_mlflow_uris()
+    del experiment
+
+
+def forget_mlflow_uris() -> None:
+    """Undo set_tracking_uri / set_registry_uri / set_experiment, with the variables they export.
+
+    MLflow exports MLFLOW_REGISTRY_URI and MLFLOW_EXPERIMENT_ID for subprocesses and
+    set_registry_uri(None) leaves the first behind, so a later test's subprocess
+    would register into this test's (deleted) database.
+    """
     mlflow.set_tracking_uri(None)
     mlflow.set_registry_uri(None)
-    # set_experiment exported it; monkeypatch restores only variables that existed before the test
-    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
-    del experiment
+    for name in ("MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID"):
+        os.environ.pop(name, None)
 
 
 @pytest.fixture(scope="session")

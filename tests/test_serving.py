@@ -7,7 +7,7 @@ import sys
 import mlflow
 import numpy as np
 import pytest
-from conftest import pick_free_port, require_service, running_server
+from conftest import forget_mlflow_uris, pick_free_port, require_service, running_server
 
 from mlflow_tabcons import flavor
 
@@ -37,8 +37,7 @@ def registry(tmp_path_factory, tabcons_model, diabetes_features):
         info = flavor.log_model(tabcons_model, "model", input_example=diabetes_features.head(2), registered_model_name=NAME)
     mlflow.MlflowClient().set_registered_model_alias(NAME, ALIAS, info.registered_model_version)
     yield uri
-    mlflow.set_tracking_uri(None)
-    mlflow.set_registry_uri(None)
+    forget_mlflow_uris()
 
 
 @pytest.fixture(scope="module")
