@@ -38,7 +38,9 @@ from mlflow_tabcons.evaluation import (
 )
 from mlflow_tabcons.finetune import EncodedRows, EnsembleTrainer
 from mlflow_tabcons.model import load_encoder, resolve_model_path
-from mlflow_tabcons.pipeline import TrainingConfig, _configure_threads, _device, prepare_data, train_ensemble_members
+from mlflow_tabcons.pipeline import TrainingConfig, prepare_data, train_ensemble_members
+from mlflow_tabcons.plots import new_figure
+from mlflow_tabcons.runtime import configure_threads, default_device
 
 logger = logging.getLogger(__name__)
 
@@ -145,12 +147,7 @@ def ablation_table(ablation: Sequence[dict[str, Any]], chosen: dict[str, Any]) -
 
 def ablation_figure(ablation: Sequence[dict[str, Any]], chosen: dict[str, Any], sweep_k: int):
     """Left: S's ranking of prediction range against sigma. Right: ranking and certified fraction against k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
+    figure, (left, right) = new_figure(2, width=10)
     sweep = sorted((r for r in ablation if r["k"] == sweep_k), key=lambda r: r["sigma"])
     left.plot([r["sigma"] for r in sweep], [r["spearman_pr"] for r in sweep], "o-", label="Spearman(S, prediction range)")
     left.plot([r["sigma"] for r in sweep], [r["auroc_agree"] for r in sweep], "s--", label="AUROC(S, all agree)")
@@ -173,7 +170,7 @@ def ablation_figure(ablation: Sequence[dict[str, Any]], chosen: dict[str, Any], 
 def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None) -> dict[str, Any]:
     """Fine-tune ``config.seeds`` members, run the sigma/k ablation on validation rows, log and return the choice."""
     grid = grid or CalibrationGrid()
-    _configure_threads()
+    configure_threads()
     data = prepare_data(config)
     rows = validation_subset(data.validation, grid.rows, config.split_seed)
     data = replace(data, evaluation=rows)  # members report their scores on the calibration rows
@@ -183,7 +180,7 @@ def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None)
         mlflow.set_tags({"tabcons.role": "calibration", "tabcons.dataset": data.dataset.name})
         mlflow.log_params({**config.params(), "n_calibration_rows": len(rows), "grid.sigmas": ",".join(map(str, grid.sigmas)),
                            "grid.ks": ",".join(map(str, grid.ks)), "grid.sweep_k": grid.sweep_k})
-        device = _device()
+        device = default_device()
         # no per-epoch validation: the members are scored on the (validation) calibration rows once trained
         trainer = EnsembleTrainer(load_encoder(resolve_model_path(config.model)), len(data.dataset.labels), config.train,
                                   data.train, None, device=device)

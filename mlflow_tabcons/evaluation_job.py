@@ -15,7 +15,6 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import pandas as pd
 from matplotlib.figure import Figure
 
 from mlflow_tabcons.baselines import dropout_measure, mc_dropout_probabilities
@@ -28,7 +27,9 @@ from mlflow_tabcons.evaluation import (
     measure_quality,
     members_summary,
 )
-from mlflow_tabcons.pipeline import TrainingConfig, TrainingOutcome, _device, run_training
+from mlflow_tabcons.pipeline import TrainingConfig, TrainingOutcome, run_training
+from mlflow_tabcons.plots import new_figure, scatter_with_rolling_mean
+from mlflow_tabcons.runtime import default_device
 
 EVALUATION_ARTIFACT = "tabcons/evaluation.json"
 MEASURE_LABELS = {
@@ -40,18 +41,9 @@ MEASURE_LABELS = {
 
 def measures_figure(measures: dict[str, np.ndarray], prediction_range: np.ndarray, title: str) -> Figure:
     """One panel per measure: the measure against the ensemble's prediction range, with a rolling mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.8), dpi=110, sharey=True)
-    window = max(3, len(prediction_range) // 10)
-    for axis, (name, values) in zip(np.atleast_1d(axes), measures.items()):
-        order = np.argsort(values)
-        axis.scatter(values, prediction_range, s=10, alpha=0.6)
-        rolling = pd.Series(prediction_range[order]).rolling(window, center=True, min_periods=1).mean()
-        axis.plot(values[order], rolling, color="C3", linewidth=2)
+    figure, axes = new_figure(len(measures), width=4.2 * len(measures), height=3.8, sharey=True)
+    for axis, (name, values) in zip(axes, measures.items()):
+        scatter_with_rolling_mean(axis, values, prediction_range)
         axis.set_xlabel(MEASURE_LABELS.get(name, name))
     np.atleast_1d(axes)[0].set_ylabel("prediction range across members")
     figure.suptitle(title)
@@ -66,7 +58,7 @@ def evaluate_outcome(outcome: TrainingOutcome, *, dropout_passes: int = 20, drop
     started = time.perf_counter()
     passes = mc_dropout_probabilities(
         outcome.members[0].classifier, data.evaluation.input_ids, passes=dropout_passes, seed=dropout_seed,
-        prefix=trainer.prefix_for(data.evaluation), depth=trainer.depth, device=_device(),
+        prefix=trainer.prefix_for(data.evaluation), depth=trainer.depth, device=default_device(),
     )
     seconds_dropout = time.perf_counter() - started
     measures = {

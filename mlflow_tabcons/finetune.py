@@ -22,6 +22,8 @@ from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, 
 from mlflow_tabcons.model import LoraSettings, TabularClassifier, build_classifier, with_attention_dropout
 
 RESAMPLING = ("none", "bootstrap", "subsample")
+CLASS_PRIORS = ("data", "uniform")
+TRAIN_PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class TrainSettings:
     weight_decay: float = 0.01
     warmup: float = 0.1
     class_weight: str = "balanced"
+    # which class frequencies the trained member's probabilities assume; see adjust_class_prior
+    class_prior: str = "data"
     max_length: int = 256
     pooling: str = "mean"
     head_dropout: float = 0.1
@@ -44,6 +48,8 @@ class TrainSettings:
     resample: str = "none"
     subsample: float = 0.8
     cache_prefix: bool = True
+    # bfloat16: forward and backward under autocast, weights and optimizer state stay float32
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         check_int("epochs", self.epochs, minimum=1, maximum=1000)
@@ -53,8 +59,10 @@ class TrainSettings:
         check_float("weight_decay", self.weight_decay, low=0.0)
         check_float("warmup", self.warmup, low=0.0, high=1.0, high_open=True)
         check_choice("class_weight", self.class_weight, ("balanced", "none"))
+        check_choice("class_prior", self.class_prior, CLASS_PRIORS)
         check_int("max_length", self.max_length, minimum=8, maximum=8192)
         check_choice("resample", self.resample, RESAMPLING)
+        check_choice("precision", self.precision, TRAIN_PRECISIONS)
         check_float("subsample", self.subsample, low=0.0, high=1.0, low_open=True)
         if self.attention_dropout is not None:
             check_float("attention_dropout", self.attention_dropout, low=0.0, high=1.0, high_open=True)
@@ -102,6 +110,25 @@ def balanced_class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
     counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
     weights = np.where(counts > 0, len(labels) / (num_labels * np.maximum(counts, 1)), 0.0)
     return torch.tensor(weights, dtype=torch.float32)
+
+
+@torch.no_grad()
+def adjust_class_prior(head: nn.Linear, labels: np.ndarray, num_labels: int, class_weight: str, class_prior: str) -> None:
+    """Move the head's bias from the prior the loss trained for to the prior asked for.
+
+    Balanced class weights keep few-shot members from collapsing onto the
+    majority class, but they train the head for a uniform class prior, so its
+    argmax trades accuracy for balanced accuracy. Adding log(prior) to the
+    bias afterwards (logit adjustment, Menon et al. 2021) makes the
+    probabilities estimate the data's class frequencies again ("data"), and
+    subtracting it does the reverse for an unweighted loss ("uniform").
+    """
+    trained_for = "uniform" if class_weight == "balanced" else "data"
+    if trained_for == class_prior:
+        return
+    counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
+    log_prior = torch.tensor(np.log(np.maximum(counts, 0.5) / counts.sum()), dtype=head.bias.dtype, device=head.bias.device)
+    head.bias += log_prior if class_prior == "data" else -log_prior
 
 
 class EnsembleTrainer:
@@ -194,6 +221,9 @@ class EnsembleTrainer:
             weights = balanced_class_weights(self.train.labels[rows], self.num_labels).to(self.device)
         loss_fn = nn.CrossEntropyLoss(weight=weights)
         labels = torch.from_numpy(self.train.labels.copy())
+        autocast = torch.autocast(
+            torch.device(self.device).type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"
+        )
         history: list[dict[str, float]] = []
         progress = tqdm(total=steps, desc=f"member seed={seed}", unit="step", leave=False, disable=None)
         for epoch in range(1, settings.epochs + 1):
@@ -202,8 +232,9 @@ class EnsembleTrainer:
             total, count = 0.0, 0
             for start in range(0, len(order), settings.batch_size):
                 index = order[start : start + settings.batch_size]
-                logits = self._logits(classifier, self.train, self._train_prefix, index)
-                loss = loss_fn(logits, labels[index].to(self.device))
+                with autocast:
+                    logits = self._logits(classifier, self.train, self._train_prefix, index)
+                loss = loss_fn(logits.float(), labels[index].to(self.device))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -218,6 +249,7 @@ class EnsembleTrainer:
             if on_epoch is not None:
                 on_epoch(record)
         progress.close()
+        adjust_class_prior(classifier.head, self.train.labels[rows], self.num_labels, settings.class_weight, settings.class_prior)
         classifier.eval()
         return Member(seed=seed, classifier=classifier, history=history, train_rows=rows)
 

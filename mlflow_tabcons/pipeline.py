@@ -29,6 +29,7 @@ from mlflow_tabcons.metrics import classification_scores, majority_rate
 from mlflow_tabcons.model import DEFAULT_MODEL, load_encoder, load_tokenizer, resolve_model_path
 from mlflow_tabcons.plots import consistency_histogram, consistency_vs_range
 from mlflow_tabcons.registration import DEFAULT_REGISTER, register_reference, registered_model_name
+from mlflow_tabcons.runtime import configure_threads, default_device
 from mlflow_tabcons.serialize import TEMPLATES, RowSerializer
 from mlflow_tabcons.tracking_store import initialize_tracking_store
 
@@ -134,15 +135,6 @@ class TrainingOutcome:
     metrics: dict[str, float]
     rows: pd.DataFrame
     model_version: Any = None  # the registered reference member (an MLflow ModelVersion), when registered
-
-
-def _configure_threads() -> None:
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def train_ensemble_members(
@@ -302,12 +294,12 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
     ``resume_run_id`` continues an interrupted parent run of the same
     configuration: finished members are reloaded, only missing seeds are trained.
     """
-    _configure_threads()
+    configure_threads()
     data = prepare_data(config)
     initialize_tracking_store()
     with _open_parent(config, data, resume_run_id) as parent:
         _log_new_params(parent, {"n_train": len(data.train), "n_eval": len(data.evaluation), "labels": ",".join(map(str, data.dataset.labels))})
-        device = _device()
+        device = default_device()
         base = load_encoder(resolve_model_path(config.model))
         trainer = EnsembleTrainer(base, len(data.dataset.labels), config.train, data.train, data.validation, device=device)
         eval_prefix = trainer.prefix_for(data.evaluation)

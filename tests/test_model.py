@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings, encode, pad
+from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings, adjust_class_prior, encode, pad
 from mlflow_tabcons.model import (
     ClassifierSpec,
     LoraSettings,
@@ -57,6 +57,50 @@ def test_seeds_change_members_and_the_same_seed_repeats(parts):
     assert not np.allclose(pa, pb, atol=1e-4)
     assert [h["epoch"] for h in a.history] == [1.0, 2.0]
     assert {"train_loss", "val_accuracy", "val_balanced_accuracy", "val_auroc"} <= set(a.history[0])
+
+
+@pytest.mark.parametrize(
+    ("class_weight", "class_prior", "sign"),
+    [("balanced", "data", 1.0), ("none", "uniform", -1.0), ("balanced", "uniform", 0.0), ("none", "data", 0.0)],
+)
+def test_class_prior_moves_the_bias_by_the_log_training_prior(class_weight, class_prior, sign):
+    head = torch.nn.Linear(4, 3)
+    torch.nn.init.constant_(head.bias, 0.25)
+    adjust_class_prior(head, np.array([0, 0, 0, 1, 1, 2, 0, 0]), 3, class_weight, class_prior)
+    expected = 0.25 + sign * np.log([5 / 8, 2 / 8, 1 / 8])
+    np.testing.assert_allclose(head.bias.detach().numpy(), expected, rtol=1e-6)
+
+
+def test_data_prior_member_is_the_balanced_member_with_its_odds_scaled_by_the_prior(parts):
+    """Same seed, same training: only the head bias differs, so p_data / p_uniform is proportional to the prior."""
+    tokenizer, base = parts
+    rows = encode(tokenizer, TEXTS * 4, np.array([0, 0, 0, 1] * 4), 64)
+    members = {
+        prior: EnsembleTrainer(base, 2, TrainSettings(epochs=1, batch_size=4, class_prior=prior), rows).train_member(3)
+        for prior in ("data", "uniform")
+    }
+    trainer = EnsembleTrainer(base, 2, TrainSettings(epochs=1, batch_size=4), rows)
+    p_data, p_uniform = (trainer.predict_proba(members[prior].classifier, rows) for prior in ("data", "uniform"))
+    odds_ratio = (p_data[:, 0] / p_data[:, 1]) / (p_uniform[:, 0] / p_uniform[:, 1])
+    np.testing.assert_allclose(odds_ratio, 3.0, rtol=1e-4)  # 12 rows of class 0 against 4 of class 1
+
+
+def test_bfloat16_training_learns_the_same_member_up_to_rounding(parts):
+    tokenizer, base = parts
+    rows = encode(tokenizer, TEXTS * 4, np.array([0, 1, 0, 1] * 4), 64)
+    settings = dict(epochs=3, batch_size=4, learning_rate=5e-3, head_learning_rate=2e-2, head_dropout=0.0)
+    trainers = {p: EnsembleTrainer(base, 2, TrainSettings(precision=p, **settings), rows) for p in ("float32", "bfloat16")}
+    members = {p: trainer.train_member(1) for p, trainer in trainers.items()}
+    full, half = (trainers[p].predict_proba(members[p].classifier, rows) for p in ("float32", "bfloat16"))
+    assert all(p.dtype == torch.float32 for p in members["bfloat16"].classifier.parameters())
+    assert members["bfloat16"].history[-1]["train_loss"] < members["bfloat16"].history[0]["train_loss"]
+    np.testing.assert_allclose(half, full, atol=0.05)
+    assert not np.array_equal(half, full)  # autocast really ran in bfloat16
+
+
+def test_class_prior_must_be_known():
+    with pytest.raises(TabconsInputError, match="class_prior"):
+        TrainSettings(class_prior="majority")
 
 
 def test_cached_prefix_and_plain_training_agree_without_dropout(parts, tiny_model_dir):

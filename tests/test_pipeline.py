@@ -1,6 +1,5 @@
 """The `main` job end to end on a tiny real BERT: runs, metrics, table, plots, failures, bad input."""
 
-import json
 
 import mlflow
 import numpy as np

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_tabcons.bounds import BOUNDS
 from mlflow_tabcons.consistency import NOISES, SIGMA_MODES, ScorerSettings
-from mlflow_tabcons.finetune import RESAMPLING, TrainSettings
+from mlflow_tabcons.finetune import CLASS_PRIORS, RESAMPLING, TRAIN_PRECISIONS, TrainSettings
 from mlflow_tabcons.model import DEFAULT_MODEL, LoraSettings
 from mlflow_tabcons.pipeline import TrainingConfig
 from mlflow_tabcons.flavor.packaged import BACKENDS
@@ -69,7 +69,10 @@ training_options = _stack(
     click.option("--head-lr", "head_learning_rate", type=float, default=_DEFAULT_TRAIN.head_learning_rate,
                  show_default=True, help="Learning rate of the classification head."),
     click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=_DEFAULT_TRAIN.class_weight,
-                 show_default=True),
+                 show_default=True, help="Weight the loss so every class counts equally (keeps few-shot members off the majority class)."),
+    click.option("--class-prior", type=click.Choice(CLASS_PRIORS), default=_DEFAULT_TRAIN.class_prior, show_default=True,
+                 help="Class frequencies the trained members' probabilities assume: the training rows' (data: "
+                      "best accuracy) or equal (uniform: best balanced accuracy)."),
     click.option("--lora-rank", type=int, default=_DEFAULT_LORA.rank, show_default=True),
     click.option("--lora-alpha", type=float, default=_DEFAULT_LORA.alpha, show_default=True),
     click.option("--lora-dropout", type=float, default=_DEFAULT_LORA.dropout, show_default=True),
@@ -81,6 +84,9 @@ training_options = _stack(
                  help="Dropout on attention probabilities while training (-1: the checkpoint's own)."),
     click.option("--resample", type=click.Choice(RESAMPLING), default=_DEFAULT_TRAIN.resample, show_default=True,
                  help="Vary each member's training rows too: bootstrap, or a random subsample."),
+    click.option("--train-precision", type=click.Choice(TRAIN_PRECISIONS), default=_DEFAULT_TRAIN.precision,
+                 show_default=True, help="bfloat16: forward and backward passes under autocast (fast where the CPU "
+                                         "or GPU has bfloat16 matrix units); weights stay float32."),
 )
 
 scorer_options = _stack(
@@ -140,7 +146,9 @@ def train_settings_from_options(options: dict[str, Any]) -> TrainSettings:
         learning_rate=options["learning_rate"],
         head_learning_rate=options["head_learning_rate"],
         class_weight=options["class_weight"],
+        class_prior=options["class_prior"],
         resample=options["resample"],
+        precision=options["train_precision"],
         attention_dropout=None if options["attention_dropout"] < 0 else options["attention_dropout"],
         lora=lora,
     )

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from mlflow_tabcons.consistency import ConsistencyScorer, ProbabilityBackend, ScorerSettings, TorchBackend
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
 from mlflow_tabcons.finetune import encode
 from mlflow_tabcons.model import ClassifierSpec, TabularClassifier, load_classifier, load_tokenizer, save_classifier
+from mlflow_tabcons.runtime import default_device
 from mlflow_tabcons.serialize import RowSerializer, is_missing
 
 BACKENDS = ("torch", "onnx")
@@ -32,10 +32,6 @@ EVIDENCE_FILE = "evidence.json"
 CLASSIFIER_DIR = "classifier"
 TOKENIZER_DIR = "tokenizer"
 ONNX_DIR = "onnx"
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclass
@@ -67,7 +63,7 @@ class TabconsModel:
         if unknown:
             raise TabconsInputError(f"required column(s) {unknown} are not feature columns {list(self.serializer.columns)}")
         if self.backend is None:
-            self.backend = TorchBackend(self.classifier, _device())
+            self.backend = TorchBackend(self.classifier, default_device())
 
     @property
     def columns(self) -> list[str]:
