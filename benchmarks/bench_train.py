@@ -8,12 +8,14 @@ TabLLM's text template, dynamic padding, the checkpoint's own dropout. The
 project's path shares the tokenized rows and the frozen lower layers' output
 across all epochs and seeds, reads the compact template, and trains without
 dropout on attention probabilities (``TrainSettings.attention_dropout``; pass
-``--attention-dropout -1`` to keep the checkpoint's and see that lever's share).
+``--attention-dropout -1`` to keep the checkpoint's and see that lever's share)
+and, by default, under bfloat16 autocast (``--precision float32`` for that
+lever's share; the baseline keeps the Trainer's float32 default).
 Members are interleaved (ours, theirs, ours, ...) so machine drift hits both;
 CPU seconds are reported next to wall seconds, as they are less sensitive to
 other load on a shared machine.
 
-    python benchmarks/bench_train.py [--quick] [--attention-dropout P] [--out PATH]
+    python benchmarks/bench_train.py [--quick] [--precision P] [--attention-dropout P] [--out PATH]
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, Clock, machine, write_result  # noqa: E402
 
 from mlflow_tabcons.data import few_shot, load_dataset, split_dataset, stratified_sample  # noqa: E402
-from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings, encode  # noqa: E402
+from mlflow_tabcons.finetune import TRAIN_PRECISIONS, EnsembleTrainer, TrainSettings, encode  # noqa: E402
 from mlflow_tabcons.metrics import classification_scores  # noqa: E402
 from mlflow_tabcons.model import load_encoder, load_tokenizer, resolve_model_path  # noqa: E402
 from mlflow_tabcons.serialize import RowSerializer  # noqa: E402
@@ -96,6 +98,8 @@ def main() -> None:
     parser.add_argument("--data", default="diabetes")
     parser.add_argument("--attention-dropout", type=float, default=TrainSettings().attention_dropout,
                         help="the project's path; -1 keeps the checkpoint's value")
+    parser.add_argument("--precision", choices=TRAIN_PRECISIONS, default="bfloat16",
+                        help="the project's path (bfloat16 autocast pays where the CPU has bfloat16 matrix units)")
     parser.add_argument("--seeds", type=int, help="ensemble size M (default 3, quick 2)")
     parser.add_argument("--out", default=str(RESULTS / "training.json"))
     args = parser.parse_args()
@@ -108,7 +112,8 @@ def main() -> None:
     eval_frame = stratified_sample(split.test, dataset.target, eval_rows, seed=0, what="eval_rows")
     model_path = resolve_model_path("minilm")
     tokenizer = load_tokenizer(model_path)
-    settings = TrainSettings(epochs=epochs, attention_dropout=None if args.attention_dropout < 0 else args.attention_dropout)
+    settings = TrainSettings(epochs=epochs, attention_dropout=None if args.attention_dropout < 0 else args.attention_dropout,
+                             precision=args.precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     labels, eval_labels = dataset.encode_labels(train_frame), dataset.encode_labels(eval_frame)
     ours_serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, "compact")
@@ -154,6 +159,8 @@ def main() -> None:
                    "tokens_per_row": tokens},
         "device": device,
         "attention_dropout_ours": settings.attention_dropout,
+        "precision_ours": settings.precision,
+        "class_prior_ours": settings.class_prior,
         "seconds_ours": float(sum(wall for wall, _ in ours_times)),
         "seconds_ours_shared_setup": ours_times[0][0],
         "seconds_baseline": float(sum(wall for wall, _ in baseline_times)),

@@ -189,7 +189,7 @@ def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None)
             raise TabconsInputError(f"calibration needs at least two trained members; seeds {failed} failed")
         member_probabilities = np.stack(probabilities)
         truth = ground_truth(member_probabilities)
-        scorer = ConsistencyScorer(TorchBackend(members[0].classifier, device), config.scorer)
+        scorer = ConsistencyScorer(TorchBackend(members[0].classifier, device, config.scorer.precision), config.scorer)
         ablation = [ablation_row(scorer, rows, truth, config.scorer.with_overrides(sigma=s, k=grid.sweep_k)) for s in grid.sigmas]
         sigma = choose_sigma(ablation, grid.sweep_k)
         ablation += [ablation_row(scorer, rows, truth, config.scorer.with_overrides(sigma=sigma, k=k))

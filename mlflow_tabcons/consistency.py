@@ -29,6 +29,7 @@ from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, 
 
 SIGMA_MODES = ("relative", "absolute")
 NOISES = ("sphere", "gaussian")
+PRECISIONS = ("float32", "bfloat16")
 MAX_K = 100_000
 # Rounds of sampling when early stopping: the bound is checked after each.
 # Rounds grow by a quarter (in steps of 8), so a row decided after n samples
@@ -47,6 +48,7 @@ class ScorerSettings:
     scales differ between models and rows), in embedding units when ``absolute``.
     ``early_stop`` (needs the anytime-valid ``betting`` bound) stops sampling a
     row as soon as its bound clears tau or its upper bound falls below it.
+    ``precision`` is how a PyTorch model runs the neighbour passes (see ``TorchBackend``).
     """
 
     k: int = 128
@@ -60,6 +62,7 @@ class ScorerSettings:
     early_stop: bool = False
     seed: int = 0
     max_batch_tokens: int = 16384
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         check_int("k", self.k, minimum=2, maximum=MAX_K)
@@ -78,6 +81,7 @@ class ScorerSettings:
             )
         check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
         check_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
+        check_choice("precision", self.precision, PRECISIONS)
 
     def with_overrides(self, **overrides: Any) -> ScorerSettings:
         """A copy with some fields replaced (and validated); None values are ignored."""
@@ -99,9 +103,6 @@ class ProbabilityBackend(Protocol):
 
     def probabilities(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
         """(B, L, d) embeddings and (B, L) mask -> (B, C) class probabilities."""
-
-
-PRECISIONS = ("float32", "bfloat16")
 
 
 class TorchBackend:

@@ -23,7 +23,7 @@ from mlflow_tabcons import multiplicity, resume
 from mlflow_tabcons.consistency import ConsistencyScorer, ConsistencyScores, ScorerSettings, TorchBackend
 from mlflow_tabcons.data import TabularDataset, few_shot, load_dataset, split_dataset, stratified_sample
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
-from mlflow_tabcons.flavor.packaged import BACKENDS
+from mlflow_tabcons.flavor.packaged import BACKENDS, check_backend_precision
 from mlflow_tabcons.finetune import EncodedRows, EnsembleTrainer, Member, TrainSettings, encode
 from mlflow_tabcons.metrics import classification_scores, majority_rate
 from mlflow_tabcons.model import DEFAULT_MODEL, load_encoder, load_tokenizer, resolve_model_path
@@ -68,6 +68,7 @@ class TrainingConfig:
         if self.register is not None:
             registered_model_name(self.register, self.data)  # refuse a bad name before training, not after
         check_choice("serve_backend", self.serve_backend, BACKENDS)
+        check_backend_precision(self.serve_backend, self.scorer.precision)
 
     def params(self) -> dict[str, Any]:
         """Flat parameters for MLflow (nested settings become dotted keys)."""
@@ -316,7 +317,7 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
             )
         reference = members[0]
         mlflow.set_tag("tabcons.reference_seed", str(reference.seed))
-        scorer = ConsistencyScorer(TorchBackend(reference.classifier, device), config.scorer)
+        scorer = ConsistencyScorer(TorchBackend(reference.classifier, device, config.scorer.precision), config.scorer)
         started = time.perf_counter()
         scores = scorer.score(data.evaluation.input_ids, progress=True)
         seconds_score = time.perf_counter() - started

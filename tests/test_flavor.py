@@ -1,5 +1,6 @@
 """The tabcons flavor: save/load round trips, the signature, inference params, refusals, and `main` registering it."""
 
+import dataclasses
 import json
 import shutil
 
@@ -14,6 +15,7 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_tabcons import flavor
 from mlflow_tabcons.cli import cli
+from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.evidence import EVIDENCE_TAG, verify_evidence
 from mlflow_tabcons.flavor import TabconsModel
 from mlflow_tabcons.onnx import OnnxBackend
@@ -132,6 +134,23 @@ def test_loading_needs_nothing_but_the_model_directory(tmp_path, diabetes_featur
     shutil.rmtree(checkpoint)  # the base checkpoint is gone: weights and tokenizer must be inside the model
     loaded = flavor.load_model(str(tmp_path / "model"))
     pd.testing.assert_frame_equal(loaded.predict(diabetes_features.head(3)), expected, atol=1e-6, rtol=0)
+
+
+def test_bfloat16_scoring_travels_with_the_model_and_onnx_refuses_it(tabcons_model, tmp_path, diabetes_features):
+    fast = dataclasses.replace(tabcons_model, settings=dataclasses.replace(tabcons_model.settings, precision="bfloat16"),
+                               backend=None)
+    flavor.save_model(fast, tmp_path / "model")
+    loaded = flavor.load_model(str(tmp_path / "model"))
+    assert loaded.settings.precision == "bfloat16" and loaded.backend.precision == "bfloat16"
+    rows = diabetes_features.head(4)
+    exact, rounded = tabcons_model.predict(rows), loaded.predict(rows)
+    np.testing.assert_allclose(rounded["probability"], exact["probability"], atol=0.03)
+    assert not np.array_equal(rounded["probability"], exact["probability"])
+    with pytest.raises(TabconsInputError, match="ONNX backend runs float32 only"):
+        flavor.load_model(str(tmp_path / "model"), backend="onnx")
+    with pytest.raises(TabconsInputError, match="ONNX backend runs float32 only"):
+        flavor.save_model(fast, tmp_path / "onnx-model", backend="onnx")
+    assert not (tmp_path / "onnx-model").exists()
 
 
 def test_main_registers_the_reference_member_with_signed_evidence_and_the_chosen_backend(tracking_uri, tiny_model_dir, monkeypatch, tmp_path):

@@ -113,6 +113,7 @@ def bad_tables(tmp_path):
         (["--data", "diabetes", "--alpha", "1.5"], "alpha must be in (0.0, 1.0)"),
         (["--data", "diabetes", "--alpha", "0"], "alpha must be in"),
         (["--data", "diabetes", "--eval-rows", "100000"], "eval_rows=100000 is larger than"),
+        (["--data", "diabetes", "--serve-backend", "onnx", "--scorer-precision", "bfloat16"], "ONNX backend runs float32 only"),
     ],
 )
 def test_bad_input_is_a_clear_error_and_leaves_no_run(tracking_uri, tiny_model_dir, bad_tables, args, message):

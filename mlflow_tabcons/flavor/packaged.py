@@ -63,7 +63,7 @@ class TabconsModel:
         if unknown:
             raise TabconsInputError(f"required column(s) {unknown} are not feature columns {list(self.serializer.columns)}")
         if self.backend is None:
-            self.backend = TorchBackend(self.classifier, default_device())
+            self.backend = TorchBackend(self.classifier, default_device(), self.settings.precision)
 
     @property
     def columns(self) -> list[str]:
@@ -143,6 +143,7 @@ class TabconsModel:
     def write(self, directory: str | Path, backend: str = "torch") -> None:
         """Weights (LoRA merged), tokenizer, serializer, labels, settings, evidence; ONNX graph if asked."""
         check_choice("backend", backend, BACKENDS)
+        check_backend_precision(backend, self.settings.precision)
         directory = Path(directory)
         save_classifier(self.classifier, directory / CLASSIFIER_DIR, self.spec)
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
@@ -170,6 +171,8 @@ class TabconsModel:
         config = json.loads((directory / CONFIG_FILE).read_text())
         backend = backend or config["backend"]
         check_choice("backend", backend, BACKENDS)
+        settings = ScorerSettings(**config["scorer"])
+        check_backend_precision(backend, settings.precision)
         if backend == "onnx" and not (directory / ONNX_DIR).is_dir():
             raise TabconsInputError("this model was saved without an ONNX graph: save it with backend='onnx'")
         classifier, spec = load_classifier(directory / CLASSIFIER_DIR)
@@ -180,12 +183,21 @@ class TabconsModel:
             tokenizer=load_tokenizer(str(directory / TOKENIZER_DIR)),
             serializer=RowSerializer.from_dict(config["serializer"]),
             labels=list(config["labels"]),
-            settings=ScorerSettings(**config["scorer"]),
+            settings=settings,
             max_length=config["max_length"],
             required=list(config["required"]),
             max_k=config["max_k"],
             evidence=json.loads(evidence_path.read_text()) if evidence_path.exists() else None,
             backend=_onnx_backend(directory / ONNX_DIR) if backend == "onnx" else None,
+        )
+
+
+def check_backend_precision(backend: str, precision: str) -> None:
+    """ONNX graphs run in float32 only; refuse a bfloat16 setting there rather than ignore it."""
+    if backend == "onnx" and precision != "float32":
+        raise TabconsInputError(
+            f"the ONNX backend runs float32 only, but the scorer's precision is {precision!r}: "
+            "use the torch backend for bfloat16 neighbour passes"
         )
 
 
