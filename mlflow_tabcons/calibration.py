@@ -38,7 +38,7 @@ from mlflow_tabcons.evaluation import (
 )
 from mlflow_tabcons.finetune import EncodedRows, EnsembleTrainer
 from mlflow_tabcons.model import load_encoder, resolve_model_path
-from mlflow_tabcons.pipeline import TrainingConfig, prepare_data, train_ensemble_members
+from mlflow_tabcons.pipeline import TrainingConfig, experiment_id_for, prepare_data, train_ensemble_members
 from mlflow_tabcons.plots import new_figure
 from mlflow_tabcons.runtime import configure_threads, default_device
 
@@ -174,9 +174,9 @@ def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None)
     data = prepare_data(config)
     rows = validation_subset(data.validation, grid.rows, config.split_seed)
     data = replace(data, evaluation=rows)  # members report their scores on the calibration rows
-    if config.experiment:
-        mlflow.set_experiment(config.experiment)
-    with mlflow.start_run(run_name=f"calibrate-{data.dataset.name}-{config.shots}shots") as run:
+    with mlflow.start_run(
+        run_name=f"calibrate-{data.dataset.name}-{config.shots}shots", experiment_id=experiment_id_for(config.experiment)
+    ) as run:
         mlflow.set_tags({"tabcons.role": "calibration", "tabcons.dataset": data.dataset.name})
         mlflow.log_params({**config.params(), "n_calibration_rows": len(rows), "grid.sigmas": ",".join(map(str, grid.sigmas)),
                            "grid.ks": ",".join(map(str, grid.ks)), "grid.sweep_k": grid.sweep_k})

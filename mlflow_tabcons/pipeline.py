@@ -269,6 +269,18 @@ def _log_new_params(run: mlflow.ActiveRun, params: dict[str, Any]) -> None:
     mlflow.log_params({key: value for key, value in params.items() if key not in logged})
 
 
+def experiment_id_for(name: str | None) -> str | None:
+    """The id of experiment ``name`` (created if new) for ``start_run``; None under `mlflow run` or without a name.
+
+    Passed on explicitly rather than made active: when another process creates
+    the experiment at the same moment, set_experiment returns it without making
+    it the active one.
+    """
+    if not name or os.environ.get("MLFLOW_RUN_ID"):
+        return None
+    return mlflow.set_experiment(name).experiment_id
+
+
 def _open_parent(config: TrainingConfig, data: PreparedData, resume_run_id: str | None) -> mlflow.ActiveRun:
     """A new parent run, or the interrupted one ``resume_run_id`` reopened after checking its configuration."""
     if resume_run_id:
@@ -277,12 +289,9 @@ def _open_parent(config: TrainingConfig, data: PreparedData, resume_run_id: str 
         run = mlflow.start_run(run_id=resume_run_id)
         mlflow.set_tag(resume.RESUMED_TAG, "true")
         return run
-    experiment_id = None
-    if config.experiment and not os.environ.get("MLFLOW_RUN_ID"):
-        # passed on explicitly: when another process creates the experiment at the same moment,
-        # set_experiment returns it without making it the active one
-        experiment_id = mlflow.set_experiment(config.experiment).experiment_id
-    run = mlflow.start_run(run_name=f"{data.dataset.name}-{config.shots}shots-{config.seeds}seeds", experiment_id=experiment_id)
+    run = mlflow.start_run(
+        run_name=f"{data.dataset.name}-{config.shots}shots-{config.seeds}seeds", experiment_id=experiment_id_for(config.experiment)
+    )
     mlflow.set_tags({"tabcons.role": "ensemble", "tabcons.dataset": data.dataset.name})
     _log_new_params(run, config.params())
     resume.log_config(config)
