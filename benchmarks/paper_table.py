@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -95,7 +96,8 @@ def _write(out_dir: Path, payload: dict[str, Any]) -> None:
         markdown_table(payload["rows"]),
         f"M = {settings['seeds']} members per row (seed 0 is the reference), {settings['epochs']} epochs of batch "
         f"{settings['batch_size']}, learning rates {settings['lr']:g} (LoRA) / {settings['head_lr']:g} (head), LoRA on the top "
-        f"{settings['lora_layers']} layer(s) of MiniLM-L6, {settings['eval_rows']} stratified test rows, k = {settings['k']}, "
+        f"{settings['lora_layers']} layer(s) of MiniLM-L6, balanced class weights with the training rows' class prior folded "
+        f"back into the head (class_prior=data), {settings['eval_rows']} stratified test rows, k = {settings['k']}, "
         f"alpha = 0.05 (empirical Bernstein), MC-dropout with {settings['dropout_passes']} passes. acc, bal. acc, AUROC: "
         "the members' mean accuracy, balanced accuracy and AUROC on the test rows; majority: the majority-class rate; "
         "arbitr.: share of rows on which some members disagree. rho(PR): Spearman "
@@ -113,9 +115,12 @@ def _write(out_dir: Path, payload: dict[str, Any]) -> None:
     if settings["sigma"] is not None:
         lines.append(f"sigma = {settings['sigma']:g} (relative to ||E(x)||_F), stated, not calibrated.")
     split = f", the sum of {len(payload['parts'])} processes run side by side" if len(payload.get("parts", [])) > 1 else ""
+    loads = payload.get("load_averages") or [float("nan")]
+    threads = payload["machine"]["torch_threads"]
     lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min{split}, on {payload['machine']['cores']} CPU cores "
-                 f"({payload['machine']['cpu']}) shared with three other agents' jobs (load average 13-16), one torch "
-                 "thread per process (OMP_NUM_THREADS=1).")
+                 f"({payload['machine']['cpu']}), {threads} torch thread(s) per process; 1-minute load average "
+                 f"{min(loads):.1f}-{max(loads):.1f} at the end of each configuration (above {payload['machine']['cores']}: "
+                 "other jobs shared the cores).")
     (out_dir / "paper_table.md").write_text("\n\n".join(lines) + "\n")
 
 
@@ -123,6 +128,7 @@ def combine(paths: list[Path], out_dir: Path) -> dict[str, Any]:
     """One table from runs made side by side; their wall times add up (each ran on the same shared cores)."""
     parts = [json.loads(path.read_text()) for path in paths]
     payload = {**parts[0], "rows": [], "calibrations": {}, "seconds_total": 0.0, "cpu_seconds_total": 0.0,
+               "load_averages": [load for part in parts for load in part.get("load_averages", [])],
                "parts": [part["settings"] for part in parts]}
     for part in parts:
         payload["rows"] += part["rows"]
@@ -150,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "calibrations": {},
         "rows": [],
         "seconds_total": 0.0,
+        "load_averages": [],
     }
 
     def calibrated(dataset: str) -> float:
@@ -180,6 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             payload["rows"].append(result)
             _copy_artifact(result["parent_run_id"], "tabcons/measures_vs_range.png", out_dir / f"paper_table_{dataset}_{count}.png")
             payload["seconds_total"], payload["cpu_seconds_total"] = clock.lap()
+            payload["load_averages"].append(os.getloadavg()[0])
             _write(out_dir, payload)
             print(json.dumps(json_ready({k: result[k] for k in ("dataset", "shots", "accuracy_mean", "majority_rate", "measures",
                                                                  "certified_agreement")})), flush=True)
