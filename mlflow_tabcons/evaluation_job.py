@@ -44,6 +44,7 @@ def measures_figure(measures: dict[str, np.ndarray], prediction_range: np.ndarra
     figure, axes = new_figure(len(measures), width=4.2 * len(measures), height=3.8, sharey=True)
     for axis, (name, values) in zip(axes, measures.items()):
         scatter_with_rolling_mean(axis, values, prediction_range)
+        axis.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))  # MC-dropout variances are ~1e-3
         axis.set_xlabel(MEASURE_LABELS.get(name, name))
     np.atleast_1d(axes)[0].set_ylabel("prediction range across members")
     figure.suptitle(title)
