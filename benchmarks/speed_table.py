@@ -59,9 +59,12 @@ def training_lines(result: dict[str, Any]) -> list[str]:
     within = abs(result["accuracy_ours"] - result["accuracy_baseline"]) <= 0.02
     return [
         f"| Ensemble training, {config['seeds']} seeds x {config['shots']} {config['data']} rows x {config['epochs']} epochs "
-        f"| ours {result['seconds_ours']:.0f} s, Trainer+PEFT {result['seconds_baseline']:.0f} s; accuracy "
-        f"{result['accuracy_ours']:.3f} vs {result['accuracy_baseline']:.3f} | **{result['speedup']:.1f}x** "
-        f"(CPU time {result['cpu_speedup']:.1f}x) | {_met(result['speedup'] >= 2 and within)} (>= 2x, within 2 points) |"
+        f"({result.get('precision_ours', 'float32')}) | ours {result['seconds_ours']:.0f} s, Trainer+PEFT "
+        f"{result['seconds_baseline']:.0f} s (median member {result['median_member_seconds_ours']:.0f} s vs "
+        f"{result['median_member_seconds_baseline']:.0f} s); accuracy {result['accuracy_ours']:.3f} vs "
+        f"{result['accuracy_baseline']:.3f} | **{result['speedup']:.1f}x** (CPU time {result['cpu_speedup']:.1f}x, "
+        f"medians {result['median_member_seconds_baseline'] / result['median_member_seconds_ours']:.1f}x) | "
+        f"{_met(result['speedup'] >= 2 and within)} (>= 2x, within 2 points) |"
     ]
 
 
@@ -77,20 +80,22 @@ def serving_lines(result: dict[str, Any]) -> list[str]:
 
 def render() -> str:
     sections = [("scoring.json", scoring_lines), ("training.json", training_lines), ("serving.json", serving_lines)]
-    loaded = [(load, lines) for load, lines in ((_load(name), lines) for name, lines in sections) if load]
+    loaded = [(name, result, lines) for name, lines in sections if (result := _load(name))]
     if not loaded:
         return "No speed results yet: run benchmarks/bench_scoring.py, bench_train.py, bench_serving.py.\n"
-    machine = loaded[0][0]["machine"]
-    dates = sorted({result["machine"]["date"] for result, _ in loaded})
+    runs: dict[str, list[str]] = {}  # one line per machine and date: the results may come from different runs
+    for name, result, _ in loaded:
+        machine = result["machine"]
+        where = (f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} ({machine['torch_threads']} threads)"
+                 f"{', GPU ' + machine['cuda'] if machine['cuda'] else ''}; run {machine['date']}")
+        runs.setdefault(where, []).append(name.removesuffix(".json"))
     head = [
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
-        f"({machine['torch_threads']} threads){', GPU ' + machine['cuda'] if machine['cuda'] else ''}; "
-        f"run {', '.join(dates)}.",
+        *(f"Machine ({', '.join(names)}): {where}." for where, names in runs.items()),
         "",
         "| What | Measured (medians) | Ratio | Target |",
         "| --- | --- | --- | --- |",
     ]
-    body = [line for result, lines in loaded for line in lines(result)]
+    body = [line for _, result, lines in loaded for line in lines(result)]
     return "\n".join(head + body) + "\n"
 
 
