@@ -60,9 +60,17 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+# Settings added after runs were first recorded, with the behaviour those runs had: a run resumed
+# under today's default would mix members trained two ways.
+_SETTINGS_BEFORE_THEY_EXISTED = {"class_prior": "uniform"}
+
+
 def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
     from mlflow_tabcons.pipeline import TrainingConfig
 
+    train = values.get("train")
+    if isinstance(train, dict):
+        values = {**values, "train": {**_SETTINGS_BEFORE_THEY_EXISTED, **train}}
     return _build(TrainingConfig, values)
 
 

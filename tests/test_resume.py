@@ -175,3 +175,13 @@ def test_sigkill_mid_run_keeps_the_database_and_resume_trains_only_the_missing_s
     finished_seeds = {c.data.params["seed"] for c in finished.values()}
     assert sorted(c.data.params["seed"] for c in new) == sorted({"0", "1", "2", "3"} - finished_seeds)
     assert all(c.info.status == "FINISHED" for c in new)
+
+
+def test_a_run_recorded_before_class_prior_existed_resumes_with_the_prior_it_was_trained_with():
+    from mlflow_tabcons.pipeline import TrainingConfig
+    from mlflow_tabcons.resume import config_from_dict, config_to_dict
+
+    recorded = config_to_dict(TrainingConfig(data="diabetes", register=None))
+    assert config_from_dict(recorded) == TrainingConfig(data="diabetes", register=None)  # today's runs round-trip
+    del recorded["train"]["class_prior"]
+    assert config_from_dict(recorded).train.class_prior == "uniform"
