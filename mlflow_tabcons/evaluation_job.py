@@ -29,7 +29,6 @@ from mlflow_tabcons.evaluation import (
 )
 from mlflow_tabcons.pipeline import TrainingConfig, TrainingOutcome, run_training
 from mlflow_tabcons.plots import new_figure, scatter_with_rolling_mean
-from mlflow_tabcons.runtime import default_device
 
 EVALUATION_ARTIFACT = "tabcons/evaluation.json"
 MEASURE_LABELS = {
@@ -46,7 +45,7 @@ def measures_figure(measures: dict[str, np.ndarray], prediction_range: np.ndarra
         scatter_with_rolling_mean(axis, values, prediction_range)
         axis.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3))  # MC-dropout variances are ~1e-3
         axis.set_xlabel(MEASURE_LABELS.get(name, name))
-    np.atleast_1d(axes)[0].set_ylabel("prediction range across members")
+    axes[0].set_ylabel("prediction range across members")
     figure.suptitle(title)
     figure.tight_layout()
     return figure
@@ -59,7 +58,7 @@ def evaluate_outcome(outcome: TrainingOutcome, *, dropout_passes: int = 20, drop
     started = time.perf_counter()
     passes = mc_dropout_probabilities(
         outcome.members[0].classifier, data.evaluation.input_ids, passes=dropout_passes, seed=dropout_seed,
-        prefix=trainer.prefix_for(data.evaluation), depth=trainer.depth, device=default_device(),
+        prefix=outcome.eval_prefix, depth=trainer.depth, device=trainer.device,
     )
     seconds_dropout = time.perf_counter() - started
     measures = {

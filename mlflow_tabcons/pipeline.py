@@ -135,6 +135,7 @@ class TrainingOutcome:
     scores: ConsistencyScores
     metrics: dict[str, float]
     rows: pd.DataFrame
+    eval_prefix: list[torch.Tensor] | None  # the frozen layers' output on the evaluation rows, shared by all members
     model_version: Any = None  # the registered reference member (an MLflow ModelVersion), when registered
 
 
@@ -338,7 +339,9 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
         mlflow.log_table(rows, ROWS_ARTIFACT)
         mlflow.log_figure(consistency_vs_range(scores.consistency, rows["prediction_range"].to_numpy()), "tabcons/consistency_vs_range.png")
         mlflow.log_figure(consistency_histogram(scores.consistency, scores.certified, config.scorer.tau), "tabcons/consistency_histogram.png")
-        outcome = TrainingOutcome(parent.info.run_id, data, trainer, members, member_probabilities, scores, metrics, rows)
+        outcome = TrainingOutcome(
+            parent.info.run_id, data, trainer, members, member_probabilities, scores, metrics, rows, eval_prefix
+        )
         if config.register:
             outcome.model_version = register_reference(outcome, config)
         return outcome
