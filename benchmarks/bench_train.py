@@ -6,11 +6,14 @@ scored on the same held-out rows. The baseline is what a careful user writes
 first: AutoModelForSequenceClassification + get_peft_model + Trainer, rows in
 TabLLM's text template, dynamic padding, the checkpoint's own dropout. The
 project's path shares the tokenized rows and the frozen lower layers' output
-across all epochs and seeds, reads the compact template, and trains without
+across all epochs and seeds, reads the compact template, trains without
 dropout on attention probabilities (``TrainSettings.attention_dropout``; pass
 ``--attention-dropout -1`` to keep the checkpoint's and see that lever's share)
 and, by default, under bfloat16 autocast (``--precision float32`` for that
-lever's share; the baseline keeps the Trainer's float32 default).
+lever's share; the baseline keeps the Trainer's float32 default). On the CPU it
+also draws its dropout masks from NumPy's PCG64 (``mlflow_tabcons.dropout``)
+and, in bfloat16, runs eager attention, whose backward is faster there than
+SDPA's fused kernel (``EnsembleTrainer._training_kernels``).
 Members are interleaved (ours, theirs, ours, ...) so machine drift hits both;
 CPU seconds are reported next to wall seconds, as they are less sensitive to
 other load on a shared machine.

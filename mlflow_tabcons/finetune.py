@@ -10,7 +10,8 @@ data order, dropout, and optionally which training rows they see.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from mlflow_tabcons.dropout import fast_dropout
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
 from mlflow_tabcons.model import LoraSettings, TabularClassifier, build_classifier, with_attention_dropout
 
@@ -189,6 +191,22 @@ class EnsembleTrainer:
             return np.sort(rng.choice(n, size=max(self.num_labels, int(round(self.settings.subsample * n))), replace=False))
         return np.arange(n)
 
+    @contextmanager
+    def _training_kernels(self, classifier: TabularClassifier, rng: np.random.Generator) -> Iterator[None]:
+        """Faster CPU kernels for what only training runs: dropout masks and, in bfloat16, attention.
+
+        PyTorch's fused SDPA kernel has a slow bfloat16 backward on the CPU: 22.7 ms
+        against 4.4 ms for eager attention (16 rows x 65 tokens x 12 heads, forward
+        and backward); in float32 SDPA stays ahead (9.8 against 14.8 ms). Both
+        switches are undone when training ends.
+        """
+        with ExitStack() as stack:
+            if torch.device(self.device).type == "cpu":
+                stack.enter_context(fast_dropout(classifier, rng.spawn(1)[0]))
+                if self.settings.precision == "bfloat16":
+                    stack.enter_context(classifier.attention("eager"))
+            yield
+
     def train_member(self, seed: int, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> Member:
         """Fine-tune one member; ``on_epoch`` receives each epoch's loss and validation scores."""
         settings = self.settings
@@ -224,30 +242,34 @@ class EnsembleTrainer:
         autocast = torch.autocast(
             torch.device(self.device).type, dtype=torch.bfloat16, enabled=settings.precision == "bfloat16"
         )
-        history: list[dict[str, float]] = []
         progress = tqdm(total=steps, desc=f"member seed={seed}", unit="step", leave=False, disable=None)
-        for epoch in range(1, settings.epochs + 1):
-            classifier.train()
-            order = rng.permutation(rows)
-            total, count = 0.0, 0
-            for start in range(0, len(order), settings.batch_size):
-                index = order[start : start + settings.batch_size]
-                with autocast:
-                    logits = self._logits(classifier, self.train, self._train_prefix, index)
-                loss = loss_fn(logits.float(), labels[index].to(self.device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total += loss.item() * len(index)
-                count += len(index)
-                progress.update(1)
-            record = {"epoch": float(epoch), "train_loss": total / count}
-            if self.validation is not None and len(self.validation):
-                record.update(_validation_scores(self.predict_proba(classifier, self.validation, self._validation_prefix), self.validation.labels))
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
+
+        def step(index: np.ndarray) -> float:
+            """One optimizer step on the rows ``index``; returns their summed loss."""
+            with autocast:
+                logits = self._logits(classifier, self.train, self._train_prefix, index)
+            loss = loss_fn(logits.float(), labels[index].to(self.device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            progress.update(1)
+            return loss.item() * len(index)
+
+        history: list[dict[str, float]] = []
+        with self._training_kernels(classifier, rng):
+            for epoch in range(1, settings.epochs + 1):
+                classifier.train()
+                order = rng.permutation(rows)
+                batches = range(0, len(order), settings.batch_size)
+                total = sum(step(order[start : start + settings.batch_size]) for start in batches)
+                record = {"epoch": float(epoch), "train_loss": total / len(order)}
+                if self.validation is not None and len(self.validation):
+                    probabilities = self.predict_proba(classifier, self.validation, self._validation_prefix)
+                    record.update(_validation_scores(probabilities, self.validation.labels))
+                history.append(record)
+                if on_epoch is not None:
+                    on_epoch(record)
         progress.close()
         adjust_class_prior(classifier.head, self.train.labels[rows], self.num_labels, settings.class_weight, settings.class_prior)
         classifier.eval()

@@ -13,6 +13,8 @@ import copy
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -155,6 +157,17 @@ class TabularClassifier(nn.Module):
         for layer in _layer_stack(_backbone(self.encoder))[depth:]:
             hidden = layer(hidden, mask)
         return self._classify(hidden, attention_mask)
+
+    @contextmanager
+    def attention(self, implementation: str) -> Iterator[None]:
+        """Run with another attention implementation ("eager", "sdpa", ...), then switch back."""
+        backbone = _backbone(self.encoder)
+        original = backbone.config._attn_implementation
+        backbone.set_attn_implementation(implementation)
+        try:
+            yield
+        finally:
+            backbone.set_attn_implementation(original)
 
 
 @dataclass(frozen=True)
