@@ -22,6 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 POSTGRES_ADMIN_URI = os.environ.get("TABCONS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+MYSQL_ADMIN_URI = os.environ.get("TABCONS_TEST_MYSQL", "mysql+pymysql://root@127.0.0.1:3306/test")
+# The SQL backends a registry test runs on, and the fixture that reaches each database server
+SQL_BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres), pytest.param("mysql", marks=pytest.mark.mysql)]
+ADMIN_URI_FIXTURES = {"postgresql": "postgres_admin_uri", "mysql": "mysql_admin_uri"}
 
 
 def require_service(reason: str) -> None:
@@ -88,39 +92,51 @@ def forget_mlflow_uris() -> None:
         os.environ.pop(name, None)
 
 
-@pytest.fixture(scope="session")
-def postgres_admin_uri() -> str:
+def _reachable_admin_uri(uri: str, what: str) -> str:
     sqlalchemy = pytest.importorskip("sqlalchemy")
     try:
-        engine = sqlalchemy.create_engine(POSTGRES_ADMIN_URI, isolation_level="AUTOCOMMIT")
+        engine = sqlalchemy.create_engine(uri, isolation_level="AUTOCOMMIT")
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text("select 1"))
+        engine.dispose()
     except Exception as error:  # no driver, no server, refused
-        require_service(f"PostgreSQL not reachable at {POSTGRES_ADMIN_URI}: {type(error).__name__}: {error}")
-    return POSTGRES_ADMIN_URI
+        require_service(f"{what} not reachable at {uri}: {type(error).__name__}: {error}")
+    return uri
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_uri() -> str:
+    return _reachable_admin_uri(POSTGRES_ADMIN_URI, "PostgreSQL")
+
+
+@pytest.fixture(scope="session")
+def mysql_admin_uri() -> str:
+    return _reachable_admin_uri(MYSQL_ADMIN_URI, "MySQL/MariaDB")
 
 
 @contextlib.contextmanager
-def new_postgres_database(admin_uri: str) -> Iterator[str]:
-    """A new, empty PostgreSQL database, dropped on exit (for fixtures of any scope)."""
+def new_database(admin_uri: str) -> Iterator[str]:
+    """A new, empty PostgreSQL or MySQL database, dropped on exit (for fixtures of any scope)."""
     import sqlalchemy
 
     name = f"tabcons_{uuid.uuid4().hex[:12]}"
     engine = sqlalchemy.create_engine(admin_uri, isolation_level="AUTOCOMMIT")
+    quoted = engine.dialect.identifier_preparer.quote_identifier(name)
+    force = " with (force)" if engine.dialect.name == "postgresql" else ""
     with engine.connect() as connection:
-        connection.execute(sqlalchemy.text(f'create database "{name}"'))
+        connection.execute(sqlalchemy.text(f"create database {quoted}"))
     try:
         yield admin_uri.rsplit("/", 1)[0] + f"/{name}"
     finally:
         with engine.connect() as connection:
-            connection.execute(sqlalchemy.text(f'drop database if exists "{name}" with (force)'))
+            connection.execute(sqlalchemy.text(f"drop database if exists {quoted}{force}"))
         engine.dispose()
 
 
 @pytest.fixture()
 def postgres_uri(postgres_admin_uri: str) -> str:
     """A new, empty PostgreSQL database for one test, dropped afterwards."""
-    with new_postgres_database(postgres_admin_uri) as uri:
+    with new_database(postgres_admin_uri) as uri:
         yield uri
 
 

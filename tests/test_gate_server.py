@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import new_postgres_database, pick_free_port, running_server
+from conftest import ADMIN_URI_FIXTURES, SQL_BACKENDS, new_database, pick_free_port, running_server
 from gate_support import KEY, POLICY, evidence, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -26,12 +26,12 @@ PROJECT = Path(__file__).resolve().parents[1]
 PREFIXES = ["/api/2.0", "/ajax-api/2.0"]
 
 
-@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+@pytest.fixture(scope="module", params=SQL_BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('gate-server') / 'mlflow.db'}"
         return
-    with new_postgres_database(request.getfixturevalue("postgres_admin_uri")) as uri:
+    with new_database(request.getfixturevalue(ADMIN_URI_FIXTURES[request.param])) as uri:
         yield uri
 
 

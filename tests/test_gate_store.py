@@ -1,12 +1,14 @@
-"""The gated registry store through MLflow's Python client, on a real SQLite file and a real PostgreSQL database."""
+"""The gated registry store through MLflow's Python client, on a real SQLite file, PostgreSQL and MySQL (MariaDB) database."""
 
 from __future__ import annotations
 
 import json
 import threading
+from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from conftest import ADMIN_URI_FIXTURES, SQL_BACKENDS, new_database
 from gate_support import KEY, POLICY, evidence, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -18,11 +20,13 @@ from mlflow_tabcons.policy.store import GatedRegistryStore
 DENIED = "PERMISSION_DENIED"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_uri(request: pytest.FixtureRequest, tmp_path) -> str:
+@pytest.fixture(params=SQL_BACKENDS)
+def database_uri(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'gate.db'}"
-    return request.getfixturevalue("postgres_uri")
+        yield f"sqlite:///{tmp_path / 'gate.db'}"
+        return
+    with new_database(request.getfixturevalue(ADMIN_URI_FIXTURES[request.param])) as uri:
+        yield uri
 
 
 @pytest.fixture()
@@ -76,6 +80,14 @@ def test_refusal_lists_every_failed_rule_and_changes_nothing(client, database_ur
     assert client.get_model_version("credit", weak.version).tags["tabcons.verdict.champion"].startswith("refused")
     rows = audit_of(database_uri, "credit", "set_alias")
     assert [(r.version, r.allowed) for r in rows] == [(str(champion.version), True), (str(weak.version), False)]
+
+
+def test_uri_with_a_driver_reaches_the_gate(tmp_path, policy_file):
+    """MLflow finds a registry plugin by the URI's whole scheme: ``tabcons+sqlite+pysqlite`` must be gated too."""
+    uri = f"sqlite+pysqlite:///{tmp_path / 'gate.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri="tabcons+" + uri)
+    weak = new_version(client, "credit", lower=0.6)
+    assert "0.6000 < 0.8000" in refusal(client.set_registered_model_alias, "credit", "champion", weak.version)
 
 
 def test_churn_against_the_incumbent(client):
@@ -163,12 +175,10 @@ def test_gate_tags_cannot_be_written_or_deleted_by_hand(client):
 def test_evidence_tampered_in_the_database_is_caught(client, database_uri):
     version = new_version(client, "credit", lower=0.6)
     engine = sa.create_engine(database_uri)
+    tags = sa.Table("model_version_tags", sa.MetaData(), autoload_with=engine)  # quotes `key` where it is reserved
+    forged = sa.func.replace(tags.c.value, '"certified_fraction_lower": 0.6', '"certified_fraction_lower": 0.9')
     with engine.begin() as connection:
-        connection.execute(
-            sa.text("UPDATE model_version_tags SET value = REPLACE(value, '\"certified_fraction_lower\": 0.6', "
-                    "'\"certified_fraction_lower\": 0.9') WHERE key = :key"),
-            {"key": EVIDENCE_TAG},
-        )
+        connection.execute(tags.update().where(tags.c.key == EVIDENCE_TAG).values(value=forged))
     engine.dispose()
     assert '"certified_fraction_lower": 0.9' in client.get_model_version("credit", version.version).tags[EVIDENCE_TAG]
     assert "tampered evidence" in refusal(client.set_registered_model_alias, "credit", "champion", version.version)

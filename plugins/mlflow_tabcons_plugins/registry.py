@@ -1,4 +1,5 @@
-"""Entry point of the ``mlflow.model_registry_store`` group for ``tabcons+sqlite://``, ``tabcons+postgresql://``, ``tabcons+mysql://``.
+"""Entry point of the ``mlflow.model_registry_store`` group for ``tabcons+sqlite``,
+``tabcons+postgresql`` and ``tabcons+mysql`` URIs, with or without a driver (``+pymysql``).
 
 Thin on purpose: the gate lives in ``mlflow_tabcons.policy.store``. MLflow is
 imported inside the builder because entry points load while ``import mlflow``
