@@ -19,7 +19,8 @@ def test_mlflow_run_main_logs_an_ensemble(tmp_path, tiny_model_dir):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_RUN_ID", None)
-    params = {"data": "diabetes", "model": tiny_model_dir, "seeds": 2, "shots": 24, "epochs": 1, "eval_rows": 20, "k": 16}
+    params = {"data": "diabetes", "model": tiny_model_dir, "seeds": 2, "shots": 24, "epochs": 1, "eval_rows": 20, "k": 16,
+              "bound": "betting", "class_prior": "uniform", "train_precision": "bfloat16", "scorer_precision": "bfloat16"}
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", "mlproject"]
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
@@ -36,5 +37,8 @@ def test_mlflow_run_main_logs_an_ensemble(tmp_path, tiny_model_dir):
     assert parent.info.status == "FINISHED"
     assert sorted(r.info.run_name for r in children) == ["seed-0", "seed-1"]
     assert parent.data.params["target"] == "''" and parent.data.params["scorer.k"] == "16"
+    chosen = {key: parent.data.params[key] for key in ("scorer.bound", "train.class_prior", "train.precision", "scorer.precision")}
+    assert chosen == {"scorer.bound": "betting", "train.class_prior": "uniform", "train.precision": "bfloat16",
+                      "scorer.precision": "bfloat16"}
     assert parent.data.metrics["members_succeeded"] == 2
     assert 0.0 <= parent.data.metrics["certified_fraction"] <= 1.0
