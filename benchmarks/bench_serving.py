@@ -3,11 +3,12 @@
 A LoRA-fine-tuned MiniLM member (the one bench_scoring.py scores) is packaged
 with the tabcons flavor, served on 127.0.0.1 by `mlflow models serve
 --env-manager local`, and sent bounded requests of distinct test rows with
-the inference param k=128. Latency is client-side wall time per request
+the inference param k=128, scoring in the precision the model was saved with
+(``--precision``; bfloat16 is the fast path on CPUs with bfloat16 units). Latency is client-side wall time per request
 (HTTP, JSON, serialization, tokenization, the k neighbour passes, the bound);
 p50 and p95 over the requests of each size.
 
-    python benchmarks/bench_serving.py [--quick] [--out PATH]
+    python benchmarks/bench_serving.py [--quick] [--precision P] [--out PATH]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, trained_member, write_result  # noqa: E402
 
 from mlflow_tabcons import flavor  # noqa: E402
-from mlflow_tabcons.consistency import ScorerSettings  # noqa: E402
+from mlflow_tabcons.consistency import PRECISIONS, ScorerSettings  # noqa: E402
 from mlflow_tabcons.data import load_dataset  # noqa: E402
 from mlflow_tabcons.model import ClassifierSpec  # noqa: E402
 
@@ -127,6 +128,7 @@ def main() -> None:
     parser.add_argument("--data", default="diabetes")
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--member-cache", help="reuse a member trained earlier with the same settings (see common.py)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32", help="the served model's scorer precision")
     parser.add_argument("--out", default=str(RESULTS / "serving.json"))
     parser.add_argument("--single-requests", type=int, help="how many 1-row requests (default 20, quick 4)")
     parser.add_argument("--batch-requests", type=int, help="how many 100-row requests (default 5, quick 2)")
@@ -136,7 +138,7 @@ def main() -> None:
 
     dataset = load_dataset(args.data)
     classifier, tokenizer, serializer, _ = trained_member(dataset, shots, epochs, "cpu", args.member_cache)
-    settings = ScorerSettings(k=args.k, bound="betting", early_stop=True)
+    settings = ScorerSettings(k=args.k, bound="betting", early_stop=True, precision=args.precision)
     # latency needs distinct rows, not held-out ones: the test split of a small table is too short
     pool = dataset.frame[dataset.features].sample(frac=1.0, random_state=2).reset_index(drop=True)
     if len(pool) < single_requests + batch_requests * batch_rows + 1:

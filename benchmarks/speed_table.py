@@ -71,8 +71,9 @@ def training_lines(result: dict[str, Any]) -> list[str]:
 def serving_lines(result: dict[str, Any]) -> list[str]:
     batch = next(key for key in result if key.endswith("_rows") and key != "one_row")
     one, many = result["one_row"], result[batch]
+    precision = result["config"]["scorer"].get("precision", "float32")
     return [
-        f"| `mlflow models serve`, k={result['config']['k']} | 1 row: p50 {one['p50_s']:.2f} s, p95 {one['p95_s']:.2f} s "
+        f"| `mlflow models serve`, k={result['config']['k']}, {precision}, early stop | 1 row: p50 {one['p50_s']:.2f} s, p95 {one['p95_s']:.2f} s "
         f"({one['requests']} requests); {batch.split('_')[0]} rows: p50 {many['p50_s']:.1f} s, p95 {many['p95_s']:.1f} s "
         f"({many['requests']} requests) | | |"
     ]
