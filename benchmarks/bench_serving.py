@@ -4,9 +4,10 @@ A LoRA-fine-tuned MiniLM member (the one bench_scoring.py scores) is packaged
 with the tabcons flavor, served on 127.0.0.1 by `mlflow models serve
 --env-manager local`, and sent bounded requests of distinct test rows with
 the inference param k=128, scoring in the precision the model was saved with
-(``--precision``; bfloat16 is the fast path on CPUs with bfloat16 units). Latency is client-side wall time per request
-(HTTP, JSON, serialization, tokenization, the k neighbour passes, the bound);
-p50 and p95 over the requests of each size.
+(``--precision``; bfloat16 is the fast path on CPUs with bfloat16 units).
+Latency is client-side wall time per request (HTTP, JSON, serialization,
+tokenization, the k neighbour passes, the bound); p50 and p95 over the
+requests of each size.
 
     python benchmarks/bench_serving.py [--quick] [--precision P] [--out PATH]
 """
