@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, Clock, encoder_flops, machine, peak_matmul_gflops, trained_member, write_result  # noqa: E402
 
-from mlflow_tabcons.bounds import lower_confidence_bound  # noqa: E402
-from mlflow_tabcons.consistency import (  # noqa: E402
+from mlflow_tabcons.scoring.bounds import lower_confidence_bound  # noqa: E402
+from mlflow_tabcons.scoring.consistency import (  # noqa: E402
     PRECISIONS,
     ConsistencyScorer,
     ScorerSettings,
@@ -41,8 +41,8 @@ from mlflow_tabcons.consistency import (  # noqa: E402
     neighbourhood_radius,
     row_key,
 )
-from mlflow_tabcons.data import load_dataset, stratified_sample  # noqa: E402
-from mlflow_tabcons.finetune import encode  # noqa: E402
+from mlflow_tabcons.data.tables import load_dataset, stratified_sample  # noqa: E402
+from mlflow_tabcons.members.training import encode  # noqa: E402
 
 
 @torch.inference_mode()
@@ -69,7 +69,7 @@ def ours_backend(classifier, kind: str, precision: str, device: str, scratch: Pa
     """The project's engine for the neighbour passes: PyTorch (float32 or bfloat16) or ONNX Runtime."""
     if kind == "torch":
         return TorchBackend(classifier, device, precision)
-    from mlflow_tabcons.onnx import OnnxBackend, export_onnx
+    from mlflow_tabcons.scoring.onnx import OnnxBackend, export_onnx
 
     export_onnx(classifier, scratch)
     return OnnxBackend(scratch)

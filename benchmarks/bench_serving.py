@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, machine, trained_member, write_result  # noqa: E402
 
 from mlflow_tabcons import flavor  # noqa: E402
-from mlflow_tabcons.consistency import PRECISIONS, ScorerSettings  # noqa: E402
-from mlflow_tabcons.data import load_dataset  # noqa: E402
-from mlflow_tabcons.model import ClassifierSpec  # noqa: E402
+from mlflow_tabcons.scoring.consistency import PRECISIONS, ScorerSettings  # noqa: E402
+from mlflow_tabcons.data.tables import load_dataset  # noqa: E402
+from mlflow_tabcons.members.classifier import ClassifierSpec  # noqa: E402
 
 STARTUP_SECONDS = 300
 REQUEST_SECONDS = 1800

@@ -11,7 +11,7 @@ dropout on attention probabilities (``TrainSettings.attention_dropout``; pass
 ``--attention-dropout -1`` to keep the checkpoint's and see that lever's share)
 and, by default, under bfloat16 autocast (``--precision float32`` for that
 lever's share; the baseline keeps the Trainer's float32 default). On the CPU it
-also draws its dropout masks from NumPy's PCG64 (``mlflow_tabcons.dropout``)
+also draws its dropout masks from NumPy's PCG64 (``mlflow_tabcons.members.dropout``)
 and, in bfloat16, runs eager attention, whose backward is faster there than
 SDPA's fused kernel (``EnsembleTrainer._training_kernels``).
 Members are interleaved (ours, theirs, ours, ...) so machine drift hits both;
@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, Clock, machine, write_result  # noqa: E402
 
-from mlflow_tabcons.data import few_shot, load_dataset, split_dataset, stratified_sample  # noqa: E402
-from mlflow_tabcons.finetune import TRAIN_PRECISIONS, EnsembleTrainer, TrainSettings, encode  # noqa: E402
-from mlflow_tabcons.metrics import classification_scores  # noqa: E402
-from mlflow_tabcons.model import load_encoder, load_tokenizer, resolve_model_path  # noqa: E402
-from mlflow_tabcons.serialize import RowSerializer  # noqa: E402
+from mlflow_tabcons.data.tables import few_shot, load_dataset, split_dataset, stratified_sample  # noqa: E402
+from mlflow_tabcons.members.training import TRAIN_PRECISIONS, EnsembleTrainer, TrainSettings, encode  # noqa: E402
+from mlflow_tabcons.metrics.classification import classification_scores  # noqa: E402
+from mlflow_tabcons.members.classifier import load_encoder, load_tokenizer, resolve_model_path  # noqa: E402
+from mlflow_tabcons.data.serialize import RowSerializer  # noqa: E402
 
 
 class _Rows(torch.utils.data.Dataset):

@@ -79,10 +79,10 @@ def trained_member(dataset: Any, shots: int, epochs: int, device: str, cache: st
     LoRA merged, as the flavor packages it. With ``cache``, a member trained
     before with the same data, shots and epochs is loaded from there instead.
     """
-    from mlflow_tabcons.data import few_shot, split_dataset
-    from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings, encode
-    from mlflow_tabcons.model import ClassifierSpec, load_classifier, load_encoder, load_tokenizer, resolve_model_path, save_classifier
-    from mlflow_tabcons.serialize import RowSerializer
+    from mlflow_tabcons.data.tables import few_shot, split_dataset
+    from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, encode
+    from mlflow_tabcons.members.classifier import ClassifierSpec, load_classifier, load_encoder, load_tokenizer, resolve_model_path, save_classifier
+    from mlflow_tabcons.data.serialize import RowSerializer
 
     split = split_dataset(dataset, seed=0)
     model_path = resolve_model_path("minilm")

@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, Clock, machine, write_result  # noqa: E402
 
-from mlflow_tabcons.calibration import CalibrationGrid, ablation_table, run_calibration  # noqa: E402
-from mlflow_tabcons.consistency import ScorerSettings  # noqa: E402
-from mlflow_tabcons.evaluation import json_ready, markdown_table  # noqa: E402
-from mlflow_tabcons.evaluation_job import run_evaluation  # noqa: E402
-from mlflow_tabcons.finetune import TrainSettings  # noqa: E402
-from mlflow_tabcons.model import LoraSettings  # noqa: E402
-from mlflow_tabcons.pipeline import TrainingConfig  # noqa: E402
+from mlflow_tabcons.tracking.calibration import CalibrationGrid, ablation_table, run_calibration  # noqa: E402
+from mlflow_tabcons.scoring.consistency import ScorerSettings  # noqa: E402
+from mlflow_tabcons.evaluation.measures import json_ready, markdown_table  # noqa: E402
+from mlflow_tabcons.tracking.evaluation_job import run_evaluation  # noqa: E402
+from mlflow_tabcons.members.training import TrainSettings  # noqa: E402
+from mlflow_tabcons.members.classifier import LoraSettings  # noqa: E402
+from mlflow_tabcons.tracking.config import TrainingConfig  # noqa: E402
 
 
 def _list(kind: type, text: str) -> list:

@@ -128,8 +128,9 @@ def sigkill_scenario(model: str, folder: Path, kills: int, seeds: int) -> dict:
 def raise_scenario(model: str, folder: Path, seeds: int, faulty: set[int]) -> dict:
     import mlflow
 
-    from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings
-    from mlflow_tabcons.pipeline import TrainingConfig, run_training
+    from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings
+    from mlflow_tabcons.tracking.config import TrainingConfig
+    from mlflow_tabcons.tracking.training_job import run_training
 
     uri = f"sqlite:///{folder / 'raise.db'}"
     mlflow.set_tracking_uri(uri)

@@ -152,8 +152,8 @@ def main() -> None:
     from conftest import build_tabcons_model
 
     from mlflow_tabcons import flavor
-    from mlflow_tabcons.data import load_dataset
-    from mlflow_tabcons.model import resolve_model_path
+    from mlflow_tabcons.data.tables import load_dataset
+    from mlflow_tabcons.members.classifier import resolve_model_path
 
     dataset = load_dataset("diabetes")
     features = dataset.frame[dataset.features]

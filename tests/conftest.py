@@ -39,7 +39,7 @@ def build_tiny_checkpoint(path: Path, *, layers: int = 2, hidden: int = 32, seed
     """A randomly initialised BERT with the real MiniLM tokenizer, saved as a local checkpoint."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from mlflow_tabcons.model import resolve_model_path
+    from mlflow_tabcons.members.classifier import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(seed)
@@ -193,11 +193,11 @@ def running_server(command: list[str], *, env: dict[str, str], ready_url: str, l
 
 def build_tabcons_model(model_dir: str, *, seed: int = 0, k: int = 16):
     """A packaged diabetes classifier (seeded LoRA and head, not trained): enough to test the flavor fast."""
-    from mlflow_tabcons.consistency import ScorerSettings
-    from mlflow_tabcons.data import load_dataset
+    from mlflow_tabcons.scoring.consistency import ScorerSettings
+    from mlflow_tabcons.data.tables import load_dataset
     from mlflow_tabcons.flavor import TabconsModel
-    from mlflow_tabcons.model import ClassifierSpec, LoraSettings, build_classifier, load_encoder, load_tokenizer
-    from mlflow_tabcons.serialize import RowSerializer
+    from mlflow_tabcons.members.classifier import ClassifierSpec, LoraSettings, build_classifier, load_encoder, load_tokenizer
+    from mlflow_tabcons.data.serialize import RowSerializer
 
     dataset = load_dataset("diabetes")
     classifier = build_classifier(load_encoder(model_dir), len(dataset.labels), lora=LoraSettings(), seed=seed).eval()
@@ -220,7 +220,7 @@ def tabcons_model(tiny_model_dir: str):
 
 @pytest.fixture(scope="session")
 def diabetes_features():
-    from mlflow_tabcons.data import load_dataset
+    from mlflow_tabcons.data.tables import load_dataset
 
     dataset = load_dataset("diabetes")
     return dataset.frame[dataset.features]

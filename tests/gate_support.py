@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 
-from mlflow_tabcons.evidence import Evidence, attach_evidence
+from mlflow_tabcons.gate.evidence import Evidence, attach_evidence
 
 KEY = b"tabcons-test-evidence-key-0123456789abcdef"
 DIGEST = "sha256:" + "ab" * 32

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mlflow_tabcons import bounds
+from mlflow_tabcons.scoring import bounds
 from mlflow_tabcons.errors import TabconsInputError
 
 ALPHA = 0.05

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mlflow_tabcons.calibration import (
+from mlflow_tabcons.tracking.calibration import (
     CalibrationGrid,
     ablation_table,
     apply_calibration,
@@ -18,9 +18,9 @@ from mlflow_tabcons.calibration import (
     validation_subset,
 )
 from mlflow_tabcons.cli import cli
-from mlflow_tabcons.consistency import ScorerSettings
+from mlflow_tabcons.scoring.consistency import ScorerSettings
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.finetune import EncodedRows
+from mlflow_tabcons.members.training import EncodedRows
 
 NAN = float("nan")
 

@@ -2,11 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_tabcons.bounds import empirical_bernstein_lcb
-from mlflow_tabcons.consistency import ConsistencyScorer, ScorerSettings, TorchBackend
+from mlflow_tabcons.scoring.bounds import empirical_bernstein_lcb
+from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ScorerSettings, TorchBackend
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.finetune import encode
-from mlflow_tabcons.model import LoraSettings, build_classifier, load_encoder, load_tokenizer
+from mlflow_tabcons.members.training import encode
+from mlflow_tabcons.members.classifier import LoraSettings, build_classifier, load_encoder, load_tokenizer
 
 
 class RecordingBackend:

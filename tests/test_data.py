@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlflow_tabcons.data import builtin_datasets, few_shot, load_dataset, split_dataset
+from mlflow_tabcons.data.tables import builtin_datasets, few_shot, load_dataset, split_dataset
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.serialize import RowSerializer
+from mlflow_tabcons.data.serialize import RowSerializer
 
 
 @pytest.mark.parametrize("name, rows, target, labels", [("credit-g", 1000, "credit_risk", ["bad", "good"]),

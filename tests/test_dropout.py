@@ -3,9 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from mlflow_tabcons.dropout import FastDropout, fast_dropout
-from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings, encode, pad
-from mlflow_tabcons.model import LoraSettings, build_classifier, load_encoder, load_tokenizer
+from mlflow_tabcons.members.dropout import FastDropout, fast_dropout
+from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, encode, pad
+from mlflow_tabcons.members.classifier import LoraSettings, build_classifier, load_encoder, load_tokenizer
 
 SCALE = 65536 / (65536 - 6554)  # p = 0.1 rounded to 6554 / 65536
 

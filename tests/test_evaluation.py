@@ -14,10 +14,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from mlflow_tabcons.baselines import dropout_measure, mc_dropout_probabilities
+from mlflow_tabcons.evaluation.baselines import dropout_measure, mc_dropout_probabilities
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.evaluation import (
+from mlflow_tabcons.evaluation.measures import (
     agreement_auroc,
     certified_agreement,
     ground_truth,

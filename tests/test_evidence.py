@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from gate_support import KEY, evidence
 
-from mlflow_tabcons import evidence as ev
+from mlflow_tabcons.gate import evidence as ev
 from mlflow_tabcons.errors import TabconsInputError
 
 

@@ -16,9 +16,9 @@ from mlflow.exceptions import MlflowException
 from mlflow_tabcons import flavor
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.evidence import EVIDENCE_TAG, verify_evidence
+from mlflow_tabcons.gate.evidence import EVIDENCE_TAG, verify_evidence
 from mlflow_tabcons.flavor import TabconsModel
-from mlflow_tabcons.onnx import OnnxBackend
+from mlflow_tabcons.scoring.onnx import OnnxBackend
 
 ANSWER = ["prediction", "probability", "consistency", "consistency_lcb", "certified"]
 
@@ -194,7 +194,7 @@ def test_a_bad_registered_name_is_refused_before_training(tracking_uri, tiny_mod
 
 @pytest.mark.slow
 def test_real_minilm_weights_round_trip_through_the_flavor(tmp_path, diabetes_features):
-    from mlflow_tabcons.model import resolve_model_path
+    from mlflow_tabcons.members.classifier import resolve_model_path
 
     model = build_tabcons_model(resolve_model_path("minilm"), k=8)
     rows = diabetes_features.head(3)
@@ -211,7 +211,7 @@ def test_real_minilm_weights_round_trip_through_the_flavor(tmp_path, diabetes_fe
      ("risk-model", "credit-g", "risk-model"), ("{dataset}", "pima_v2.1", "pima_v2.1")],
 )
 def test_registered_names_fill_in_a_registry_safe_dataset_name(template, dataset, expected):
-    from mlflow_tabcons.registration import registered_model_name
+    from mlflow_tabcons.tracking.config import registered_model_name
 
     assert registered_model_name(template, dataset) == expected
 
@@ -219,7 +219,7 @@ def test_registered_names_fill_in_a_registry_safe_dataset_name(template, dataset
 @pytest.mark.parametrize("template", ["", "   ", "a/b", "models:x"])
 def test_registered_names_that_cannot_be_model_uris_are_refused(template):
     from mlflow_tabcons.errors import TabconsInputError
-    from mlflow_tabcons.registration import registered_model_name
+    from mlflow_tabcons.tracking.config import registered_model_name
 
     with pytest.raises(TabconsInputError, match="--register must be a model name"):
         registered_model_name(template, "credit-g")

@@ -24,8 +24,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
-from mlflow_tabcons.evidence import BREAK_GLASS_TAG, EVIDENCE_TAG, FORMAT_VERSION, sign_evidence
-from mlflow_tabcons.policy import audit_trail
+from mlflow_tabcons.gate.evidence import BREAK_GLASS_TAG, EVIDENCE_TAG, FORMAT_VERSION, sign_evidence
+from mlflow_tabcons.gate import audit_trail
 
 MODEL = "credit"
 

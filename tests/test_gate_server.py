@@ -17,8 +17,8 @@ from gate_support import KEY, POLICY, evidence, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow_tabcons.evidence import EVIDENCE_TAG, FORMAT_VERSION
-from mlflow_tabcons.policy import audit_trail
+from mlflow_tabcons.gate.evidence import EVIDENCE_TAG, FORMAT_VERSION
+from mlflow_tabcons.gate import audit_trail
 
 pytestmark = pytest.mark.slow
 TABCONS = str(Path(sys.executable).with_name("tabcons"))

@@ -13,9 +13,9 @@ from gate_support import KEY, POLICY, evidence, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from mlflow_tabcons.evidence import EVIDENCE_TAG, FORMAT_VERSION, sign_evidence
-from mlflow_tabcons.policy import PolicyError, audit_trail
-from mlflow_tabcons.policy.store import GatedRegistryStore
+from mlflow_tabcons.gate.evidence import EVIDENCE_TAG, FORMAT_VERSION, sign_evidence
+from mlflow_tabcons.gate import PolicyError, audit_trail
+from mlflow_tabcons.gate.store import GatedRegistryStore
 
 DENIED = "PERMISSION_DENIED"
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings, adjust_class_prior, encode, pad
-from mlflow_tabcons.model import (
+from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, adjust_class_prior, encode, pad
+from mlflow_tabcons.members.classifier import (
     ClassifierSpec,
     LoraSettings,
     build_classifier,

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from mlflow_tabcons import multiplicity as mp
+from mlflow_tabcons.metrics import multiplicity as mp
 from mlflow_tabcons.errors import TabconsInputError
 
 # 3 models x 4 rows, computed by hand below.

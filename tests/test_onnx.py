@@ -10,10 +10,10 @@ import torch
 from conftest import build_tabcons_model
 
 from mlflow_tabcons import flavor
-from mlflow_tabcons.consistency import ConsistencyScorer, ScorerSettings, TorchBackend
+from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ScorerSettings, TorchBackend
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.finetune import encode
-from mlflow_tabcons.onnx import OnnxBackend, available_providers, export_onnx
+from mlflow_tabcons.members.training import encode
+from mlflow_tabcons.scoring.onnx import OnnxBackend, available_providers, export_onnx
 
 pytest.importorskip("onnxruntime")
 
@@ -117,12 +117,12 @@ def test_onnx_backend_of_a_model_saved_without_it_is_refused(trained_like, tmp_p
 
 
 def test_a_failed_export_leaves_no_half_written_model(trained_like, tmp_path, monkeypatch):
-    import mlflow_tabcons.onnx
+    import mlflow_tabcons.scoring.onnx
 
     def broken(*args, **kwargs):
         raise RuntimeError("exporter crashed")
 
-    monkeypatch.setattr(mlflow_tabcons.onnx, "export_onnx", broken)
+    monkeypatch.setattr(mlflow_tabcons.scoring.onnx, "export_onnx", broken)
     with pytest.raises(RuntimeError, match="exporter crashed"):
         flavor.save_model(trained_like, tmp_path / "model", backend="onnx")
     assert not (tmp_path / "model").exists()

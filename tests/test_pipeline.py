@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlflow_tabcons.cli import cli
-from mlflow_tabcons.finetune import EnsembleTrainer, TrainSettings
+from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings
 
 FAST = ["--shots", "24", "--epochs", "1", "--eval-rows", "20", "--k", "16", "--batch-size", "8"]
 
@@ -127,8 +127,9 @@ def test_bad_input_is_a_clear_error_and_leaves_no_run(tracking_uri, tiny_model_d
 @pytest.mark.slow
 def test_real_minilm_ensemble_learns_and_is_scored(tracking_uri):
     """The default path on the packaged MiniLM weights: members learn (loss falls) and every row is scored."""
-    from mlflow_tabcons.consistency import ScorerSettings
-    from mlflow_tabcons.pipeline import TrainingConfig, run_training
+    from mlflow_tabcons.scoring.consistency import ScorerSettings
+    from mlflow_tabcons.tracking.config import TrainingConfig
+    from mlflow_tabcons.tracking.training_job import run_training
 
     config = TrainingConfig(
         data="credit-g", shots=32, seeds=2, eval_rows=8,

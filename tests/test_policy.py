@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from gate_support import POLICY, evidence
 
-from mlflow_tabcons.policy import CertifiedFractionRule, Incumbent, PolicyError, RuleSet, Target, decide, parse_policy
+from mlflow_tabcons.gate import CertifiedFractionRule, Incumbent, PolicyError, RuleSet, Target, decide, parse_policy
 
 CHAMPION = Target("alias", "champion")
 

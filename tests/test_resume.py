@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from mlflow_tabcons.cli import cli
-from mlflow_tabcons.finetune import EnsembleTrainer
-from mlflow_tabcons.resume import INTERRUPTED_TAG, MEMBER_FILE
+from mlflow_tabcons.members.training import EnsembleTrainer
+from mlflow_tabcons.tracking.resume import INTERRUPTED_TAG, MEMBER_FILE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
@@ -41,8 +41,8 @@ def _children(parent_id: str) -> list:
 
 
 def test_each_member_logs_weights_that_reload_to_the_same_probabilities(tracking_uri, tiny_model_dir):
-    from mlflow_tabcons.pipeline import prepare_data
-    from mlflow_tabcons.resume import load_member, resumable_parent, stored_config
+    from mlflow_tabcons.tracking.prepared import prepare_data
+    from mlflow_tabcons.tracking.resume import load_member, resumable_parent, stored_config
 
     assert _train(tiny_model_dir, "--seeds", "2").exit_code == 0
     parent = _parent()
@@ -56,7 +56,7 @@ def test_each_member_logs_weights_that_reload_to_the_same_probabilities(tracking
     config = stored_config(parent)
     assert config.seeds == 2 and config.train.epochs == 1 and config.train.lora.target_modules == ("query", "key", "value", "dense")
 
-    from mlflow_tabcons.model import load_encoder
+    from mlflow_tabcons.members.classifier import load_encoder
 
     data = prepare_data(config)
     trainer = EnsembleTrainer(load_encoder(tiny_model_dir), 2, config.train, data.train, data.validation)
@@ -125,7 +125,8 @@ def test_resume_refuses_a_conflicting_configuration_and_unknown_or_finished_runs
     assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
     assert mlflow.get_run(parent.info.run_id).info.status == "FAILED"
 
-    from mlflow_tabcons.pipeline import TrainingConfig, run_training
+    from mlflow_tabcons.tracking.config import TrainingConfig
+    from mlflow_tabcons.tracking.training_job import run_training
 
     other = TrainingConfig(data="diabetes", model=tiny_model_dir, seeds=3, shots=24, eval_rows=20, register=None)
     with pytest.raises(Exception, match="different configuration; changed: .*seeds"):
@@ -178,8 +179,8 @@ def test_sigkill_mid_run_keeps_the_database_and_resume_trains_only_the_missing_s
 
 
 def test_a_run_recorded_before_class_prior_existed_resumes_with_the_prior_it_was_trained_with():
-    from mlflow_tabcons.pipeline import TrainingConfig
-    from mlflow_tabcons.resume import config_from_dict, config_to_dict
+    from mlflow_tabcons.tracking.config import TrainingConfig
+    from mlflow_tabcons.tracking.resume import config_from_dict, config_to_dict
 
     recorded = config_to_dict(TrainingConfig(data="diabetes", register=None))
     assert config_from_dict(recorded) == TrainingConfig(data="diabetes", register=None)  # today's runs round-trip

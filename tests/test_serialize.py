@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.serialize import DataDictionary, RowSerializer, format_value
+from mlflow_tabcons.data.serialize import DataDictionary, RowSerializer, format_value
 
 DICTIONARY = DataDictionary.from_dict(
     {"checking": {"text": "checking account", "values": {"A11": "below 0 DM"}}, "age_years": "age"}

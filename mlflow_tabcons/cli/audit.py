@@ -22,7 +22,7 @@ def audit(name: str, registry_uri: str | None, limit: int | None, as_json: bool)
     """Show the audit trail of model NAME: action, verdict, who, when, the rule values."""
     import mlflow
 
-    from mlflow_tabcons.policy import audit_trail
+    from mlflow_tabcons.gate import audit_trail
 
     records = audit_trail(registry_uri or mlflow.get_registry_uri(), name, limit)
     if not records:

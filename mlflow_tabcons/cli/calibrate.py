@@ -30,8 +30,8 @@ def _numbers(kind: type, text: str, name: str) -> tuple:
 @user_errors
 def calibrate(sigmas: str, ks: str, sweep_k: int, calibration_rows: int, tolerance: float, out: str | None, **options: object) -> None:
     """Fine-tune a few seeds and run the sigma/k ablation of the consistency score on validation rows."""
-    from mlflow_tabcons.calibration import CalibrationGrid, ablation_table, run_calibration
-    from mlflow_tabcons.evaluation import json_ready
+    from mlflow_tabcons.tracking.calibration import CalibrationGrid, ablation_table, run_calibration
+    from mlflow_tabcons.evaluation.measures import json_ready
 
     grid = CalibrationGrid(_numbers(float, sigmas, "sigmas"), _numbers(int, ks, "ks"), sweep_k, calibration_rows, tolerance)
     result = run_calibration(training_config_from_options(options), grid)

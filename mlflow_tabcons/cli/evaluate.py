@@ -23,7 +23,7 @@ from mlflow_tabcons.cli.options import (
 @user_errors
 def evaluate(dropout_passes: int, out: str | None, **options: object) -> None:
     """Fine-tune M members, score the reference, and compare S and the baselines with the ensemble's multiplicity."""
-    from mlflow_tabcons.evaluation_job import run_evaluation
+    from mlflow_tabcons.tracking.evaluation_job import run_evaluation
 
     result = run_evaluation(training_config_from_options(options), dropout_passes=dropout_passes, out=out)
     click.echo(

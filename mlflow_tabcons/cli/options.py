@@ -13,14 +13,14 @@ from typing import Any
 import click
 from mlflow.exceptions import MlflowException
 
-from mlflow_tabcons.bounds import BOUNDS
-from mlflow_tabcons.consistency import NOISES, PRECISIONS, SIGMA_MODES, ScorerSettings
-from mlflow_tabcons.finetune import CLASS_PRIORS, RESAMPLING, TRAIN_PRECISIONS, TrainSettings
-from mlflow_tabcons.model import DEFAULT_MODEL, LoraSettings
-from mlflow_tabcons.pipeline import TrainingConfig
+from mlflow_tabcons.scoring.bounds import BOUNDS
+from mlflow_tabcons.scoring.consistency import NOISES, PRECISIONS, SIGMA_MODES, ScorerSettings
+from mlflow_tabcons.members.training import CLASS_PRIORS, RESAMPLING, TRAIN_PRECISIONS, TrainSettings
+from mlflow_tabcons.members.classifier import DEFAULT_MODEL, LoraSettings
+from mlflow_tabcons.tracking.config import TrainingConfig
 from mlflow_tabcons.flavor.packaged import BACKENDS
-from mlflow_tabcons.registration import DEFAULT_REGISTER
-from mlflow_tabcons.serialize import TEMPLATES
+from mlflow_tabcons.tracking.config import DEFAULT_REGISTER
+from mlflow_tabcons.data.serialize import TEMPLATES
 
 _DEFAULT_TRAIN = TrainSettings()
 _DEFAULT_LORA = LoraSettings()
@@ -172,7 +172,7 @@ def scorer_settings_from_options(options: dict[str, Any]) -> ScorerSettings:
         precision=options["scorer_precision"],
     )
     if options.get("calibration"):
-        from mlflow_tabcons.calibration import apply_calibration, load_calibration
+        from mlflow_tabcons.tracking.calibration import apply_calibration, load_calibration
 
         settings = apply_calibration(settings, load_calibration(options["calibration"]))
     return settings

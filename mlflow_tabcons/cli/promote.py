@@ -7,8 +7,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, ErrorCode
 
 from mlflow_tabcons.cli.options import _blank_is_none, user_errors
-from mlflow_tabcons.evidence import BREAK_GLASS_TAG
-from mlflow_tabcons.policy.rules import Target
+from mlflow_tabcons.gate.evidence import BREAK_GLASS_TAG
+from mlflow_tabcons.gate.rules import Target
 
 
 @click.command()

@@ -44,8 +44,8 @@ def mlflow_server_command(backend_store_uri: str, host: str, port: int, workers:
 @user_errors
 def server(policy_path: str, backend_store_uri: str, host: str, port: int, workers: int | None, mlflow_args: tuple[str, ...]) -> None:
     """Start `mlflow server` whose registry refuses promotions that break the policy. Extra arguments go to mlflow server."""
-    from mlflow_tabcons.evidence import KEY_ENV, KEY_FILE_ENV, evidence_key
-    from mlflow_tabcons.policy import load_policy
+    from mlflow_tabcons.gate.evidence import KEY_ENV, KEY_FILE_ENV, evidence_key
+    from mlflow_tabcons.gate import load_policy
 
     policy = load_policy(policy_path)
     if not any(e.name == "tabcons+sqlite" for e in entry_points(group="mlflow.model_registry_store")):

@@ -32,11 +32,11 @@ from mlflow_tabcons.cli.options import (
 @user_errors
 def train(resume_run_id: str | None, **options: object) -> None:
     """Fine-tune a seed ensemble, measure its multiplicity, score and certify the reference member."""
-    from mlflow_tabcons.pipeline import run_training
+    from mlflow_tabcons.tracking.training_job import run_training
 
     config = training_config_from_options(options)
     if resume_run_id:
-        from mlflow_tabcons.resume import resumed_config
+        from mlflow_tabcons.tracking.resume import resumed_config
 
         defaults = training_config_from_options({p.name: p.default for p in train.params if p.name != "resume_run_id"})
         config = resumed_config(resume_run_id, config, defaults)

@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mlflow_tabcons.consistency import ConsistencyScorer, ProbabilityBackend, ScorerSettings, TorchBackend
+from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ProbabilityBackend, ScorerSettings, TorchBackend
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
-from mlflow_tabcons.finetune import encode
-from mlflow_tabcons.model import ClassifierSpec, TabularClassifier, load_classifier, load_tokenizer, save_classifier
+from mlflow_tabcons.members.training import encode
+from mlflow_tabcons.members.classifier import ClassifierSpec, TabularClassifier, load_classifier, load_tokenizer, save_classifier
 from mlflow_tabcons.runtime import default_device
-from mlflow_tabcons.serialize import RowSerializer, is_missing
+from mlflow_tabcons.data.serialize import RowSerializer, is_missing
 
 BACKENDS = ("torch", "onnx")
 # Neighbours per row a request may ask for: k forward passes per row is the cost of a request.
@@ -148,7 +148,7 @@ class TabconsModel:
         save_classifier(self.classifier, directory / CLASSIFIER_DIR, self.spec)
         self.tokenizer.save_pretrained(str(directory / TOKENIZER_DIR))
         if backend == "onnx":
-            from mlflow_tabcons.onnx import export_onnx
+            from mlflow_tabcons.scoring.onnx import export_onnx
 
             export_onnx(self.classifier, directory / ONNX_DIR)
         config = {
@@ -202,7 +202,7 @@ def check_backend_precision(backend: str, precision: str) -> None:
 
 
 def _onnx_backend(directory: Path) -> ProbabilityBackend:
-    from mlflow_tabcons.onnx import OnnxBackend
+    from mlflow_tabcons.scoring.onnx import OnnxBackend
 
     return OnnxBackend(directory)
 

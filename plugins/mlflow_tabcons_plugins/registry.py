@@ -1,7 +1,7 @@
 """Entry point of the ``mlflow.model_registry_store`` group for ``tabcons+sqlite``,
 ``tabcons+postgresql`` and ``tabcons+mysql`` URIs, with or without a driver (``+pymysql``).
 
-Thin on purpose: the gate lives in ``mlflow_tabcons.policy.store``. MLflow is
+Thin on purpose: the gate lives in ``mlflow_tabcons.gate.store``. MLflow is
 imported inside the builder because entry points load while ``import mlflow``
 is still running.
 """
@@ -12,6 +12,6 @@ from typing import Any
 
 
 def build_gated_registry_store(store_uri: str, tracking_uri: str | None = None) -> Any:
-    from mlflow_tabcons.policy.store import GatedRegistryStore
+    from mlflow_tabcons.gate.store import GatedRegistryStore
 
     return GatedRegistryStore(store_uri)

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlflow_tabcons import multiplicity
+from mlflow_tabcons.metrics import multiplicity
 from mlflow_tabcons.errors import TabconsInputError, check_int
-from mlflow_tabcons.finetune import pad
-from mlflow_tabcons.model import TabularClassifier
+from mlflow_tabcons.members.training import pad
+from mlflow_tabcons.members.classifier import TabularClassifier
 
 
 def _dropout_modules(classifier: nn.Module) -> list[nn.Module]:

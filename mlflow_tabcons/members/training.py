@@ -19,9 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mlflow_tabcons.dropout import fast_dropout
+from mlflow_tabcons.members.dropout import fast_dropout
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
-from mlflow_tabcons.model import LoraSettings, TabularClassifier, build_classifier, with_attention_dropout
+from mlflow_tabcons.members.classifier import LoraSettings, TabularClassifier, build_classifier, with_attention_dropout
 
 RESAMPLING = ("none", "bootstrap", "subsample")
 CLASS_PRIORS = ("data", "uniform")
@@ -301,7 +301,7 @@ class EnsembleTrainer:
 
 
 def _validation_scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from mlflow_tabcons.metrics import classification_scores
+    from mlflow_tabcons.metrics.classification import classification_scores
 
     scores = classification_scores(labels, probabilities)
     return {f"val_{name}": value for name, value in scores.items()}

@@ -17,9 +17,9 @@ import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 
-from mlflow_tabcons.baselines import dropout_measure, mc_dropout_probabilities
+from mlflow_tabcons.evaluation.baselines import dropout_measure, mc_dropout_probabilities
 from mlflow_tabcons.errors import check_int
-from mlflow_tabcons.evaluation import (
+from mlflow_tabcons.evaluation.measures import (
     certified_agreement,
     ground_truth,
     json_ready,
@@ -27,8 +27,10 @@ from mlflow_tabcons.evaluation import (
     measure_quality,
     members_summary,
 )
-from mlflow_tabcons.pipeline import TrainingConfig, TrainingOutcome, run_training
-from mlflow_tabcons.plots import new_figure, scatter_with_rolling_mean
+from mlflow_tabcons.tracking.config import TrainingConfig
+from mlflow_tabcons.tracking.prepared import TrainingOutcome
+from mlflow_tabcons.tracking.training_job import run_training
+from mlflow_tabcons.tracking.plots import new_figure, scatter_with_rolling_mean
 
 EVALUATION_ARTIFACT = "tabcons/evaluation.json"
 MEASURE_LABELS = {

@@ -32,7 +32,7 @@ from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 from sqlalchemy.orm import Session
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.evidence import (
+from mlflow_tabcons.gate.evidence import (
     BREAK_GLASS_TAG,
     EVIDENCE_TAG,
     Evidence,
@@ -41,11 +41,11 @@ from mlflow_tabcons.evidence import (
     verify_evidence,
     version_artifact,
 )
-from mlflow_tabcons.policy import audit
-from mlflow_tabcons.policy.loading import PolicyError, load_policy, policy_path_from_env
-from mlflow_tabcons.policy.locking import lock_models
-from mlflow_tabcons.policy.rules import Policy, RuleSet, Target
-from mlflow_tabcons.policy.verdict import Incumbent, Verdict, decide
+from mlflow_tabcons.gate import audit
+from mlflow_tabcons.gate.loading import PolicyError, load_policy, policy_path_from_env
+from mlflow_tabcons.gate.locking import lock_models
+from mlflow_tabcons.gate.rules import Policy, RuleSet, Target
+from mlflow_tabcons.gate.verdict import Incumbent, Verdict, decide
 
 SCHEME_PREFIX = "tabcons+"
 VERDICT_TAG_PREFIX = "tabcons.verdict."

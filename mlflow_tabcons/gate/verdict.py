@@ -11,8 +11,8 @@ import dataclasses
 import time
 from typing import Any
 
-from mlflow_tabcons.evidence import Evidence, churn
-from mlflow_tabcons.policy.rules import RuleSet, Target
+from mlflow_tabcons.gate.evidence import Evidence, churn
+from mlflow_tabcons.gate.rules import RuleSet, Target
 
 
 @dataclasses.dataclass(frozen=True)

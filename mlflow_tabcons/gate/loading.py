@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.policy.rules import (
+from mlflow_tabcons.gate.rules import (
     CERTIFIED_ON,
     RULE_KEYS,
     STAGES,

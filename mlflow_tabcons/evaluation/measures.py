@@ -20,9 +20,9 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from mlflow_tabcons import multiplicity
+from mlflow_tabcons.metrics import multiplicity
 from mlflow_tabcons.errors import TabconsInputError, check_array, check_int
-from mlflow_tabcons.metrics import classification_scores, majority_rate
+from mlflow_tabcons.metrics.classification import classification_scores, majority_rate
 
 MEASURE_KEYS = ("spearman_pv", "spearman_pr", "auroc_agree")
 

@@ -26,10 +26,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from mlflow_tabcons.errors import TabconsInputError
-
-if typing.TYPE_CHECKING:
-    from mlflow_tabcons.finetune import EnsembleTrainer, Member
-    from mlflow_tabcons.pipeline import TrainingConfig
+from mlflow_tabcons.members.classifier import build_classifier
+from mlflow_tabcons.members.training import EnsembleTrainer, Member
+from mlflow_tabcons.tracking.config import TrainingConfig
 
 CONFIG_ARTIFACT = "tabcons/config.json"
 MEMBER_ARTIFACT_DIR = "tabcons"
@@ -66,8 +65,6 @@ _SETTINGS_BEFORE_THEY_EXISTED = {"class_prior": "uniform"}
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
-    from mlflow_tabcons.pipeline import TrainingConfig
-
     train = values.get("train")
     if isinstance(train, dict):
         values = {**values, "train": {**_SETTINGS_BEFORE_THEY_EXISTED, **train}}
@@ -186,8 +183,6 @@ def load_member(trainer: EnsembleTrainer, run: Run) -> Member:
     """Rebuild a finished member from its child run: the seeded classifier with the logged weights put back."""
     from safetensors.torch import load_file
 
-    from mlflow_tabcons.finetune import Member
-    from mlflow_tabcons.model import build_classifier
 
     seed = int(run.data.params["seed"])
     with tempfile.TemporaryDirectory() as folder:

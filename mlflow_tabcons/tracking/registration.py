@@ -9,34 +9,20 @@ tagged with the registered name and version.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 
-from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.evidence import Evidence, attach_evidence, encode_predictions, eval_digest
 from mlflow_tabcons.flavor import log_model, tabcons_signature
 from mlflow_tabcons.flavor.packaged import TabconsModel
-from mlflow_tabcons.model import ClassifierSpec
+from mlflow_tabcons.gate.evidence import Evidence, attach_evidence, encode_predictions, eval_digest
+from mlflow_tabcons.members.classifier import ClassifierSpec
+from mlflow_tabcons.tracking.config import DEFAULT_REGISTER, TrainingConfig, registered_model_name
+from mlflow_tabcons.tracking.prepared import TrainingOutcome
 
-if TYPE_CHECKING:
-    from mlflow_tabcons.pipeline import TrainingConfig, TrainingOutcome
-
-DEFAULT_REGISTER = "tabcons-{dataset}"
 LOGGED_MODEL_NAME = "reference"
 EXAMPLE_ROWS = 2
-
-
-def registered_model_name(template: str, dataset: str) -> str:
-    """``--register`` with ``{dataset}`` filled in by the dataset's name, as a registry-safe name."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", dataset).strip("-").lower() or "table"
-    name = template.replace("{dataset}", slug).strip()
-    if not name or "/" in name or ":" in name:
-        raise TabconsInputError(f"--register must be a model name without '/' or ':', got {template!r}")
-    return name
 
 
 def packaged_reference(outcome: TrainingOutcome, config: TrainingConfig) -> TabconsModel:

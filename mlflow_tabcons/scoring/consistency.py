@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from mlflow_tabcons.bounds import BOUNDS, betting_lcb, betting_ucb, clopper_pearson, lower_confidence_bound
+from mlflow_tabcons.scoring.bounds import BOUNDS, betting_lcb, betting_ucb, clopper_pearson, lower_confidence_bound
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
 
 SIGMA_MODES = ("relative", "absolute")

@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-from mlflow_tabcons.policy.audit import AuditRecord, audit_trail, read_audit
-from mlflow_tabcons.policy.loading import POLICY_ENV, PolicyError, load_policy, parse_policy
-from mlflow_tabcons.policy.rules import CertifiedFractionRule, Policy, RuleSet, Target
-from mlflow_tabcons.policy.verdict import Check, Incumbent, Verdict, decide
+from mlflow_tabcons.gate.audit import AuditRecord, audit_trail, read_audit
+from mlflow_tabcons.gate.loading import POLICY_ENV, PolicyError, load_policy, parse_policy
+from mlflow_tabcons.gate.rules import CertifiedFractionRule, Policy, RuleSet, Target
+from mlflow_tabcons.gate.verdict import Check, Incumbent, Verdict, decide
 
 __all__ = [
     "AuditRecord",

@@ -15,7 +15,7 @@ import time
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from mlflow_tabcons.policy.audit import LOCK_TABLE
+from mlflow_tabcons.gate.audit import LOCK_TABLE
 
 
 def _advisory_key(name: str) -> int:

@@ -23,7 +23,7 @@ import pandas as pd
 import yaml
 
 from mlflow_tabcons.errors import TabconsInputError, check_int
-from mlflow_tabcons.serialize import DataDictionary
+from mlflow_tabcons.data.serialize import DataDictionary
 
 OPENML_PREFIX = "openml:"
 
@@ -61,12 +61,12 @@ class DatasetSplit:
 
 
 def _builtin_spec(name: str) -> dict[str, Any]:
-    text = resources.files("mlflow_tabcons.datasets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
+    text = resources.files("mlflow_tabcons.data.datasets").joinpath(f"{name}.yaml").read_text(encoding="utf-8")
     return yaml.safe_load(text)
 
 
 def _load_credit_g() -> pd.DataFrame:
-    with resources.files("mlflow_tabcons.datasets").joinpath("credit_g.csv").open("rb") as handle:
+    with resources.files("mlflow_tabcons.data.datasets").joinpath("credit_g.csv").open("rb") as handle:
         return pd.read_csv(handle)
 
 

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.policy.verdict import Verdict
+from mlflow_tabcons.gate.verdict import Verdict
 
 _METADATA = sa.MetaData()
 AUDIT_TABLE = sa.Table(

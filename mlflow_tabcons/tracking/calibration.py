@@ -25,10 +25,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from mlflow_tabcons.consistency import ConsistencyScorer, ScorerSettings, TorchBackend
-from mlflow_tabcons.data import stratified_sample
+from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ScorerSettings, TorchBackend
+from mlflow_tabcons.data.tables import stratified_sample
 from mlflow_tabcons.errors import TabconsInputError, check_float, check_int
-from mlflow_tabcons.evaluation import (
+from mlflow_tabcons.evaluation.measures import (
     GroundTruth,
     certified_agreement,
     ground_truth,
@@ -36,10 +36,12 @@ from mlflow_tabcons.evaluation import (
     measure_quality,
     members_summary,
 )
-from mlflow_tabcons.finetune import EncodedRows, EnsembleTrainer
-from mlflow_tabcons.model import load_encoder, resolve_model_path
-from mlflow_tabcons.pipeline import TrainingConfig, experiment_id_for, prepare_data, train_ensemble_members
-from mlflow_tabcons.plots import new_figure
+from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer
+from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path
+from mlflow_tabcons.tracking.config import TrainingConfig
+from mlflow_tabcons.tracking.prepared import prepare_data
+from mlflow_tabcons.tracking.training_job import experiment_id_for, train_ensemble_members
+from mlflow_tabcons.tracking.plots import new_figure
 from mlflow_tabcons.runtime import configure_threads, default_device
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import mlflow
@@ -19,124 +18,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlflow_tabcons import multiplicity, resume
-from mlflow_tabcons.consistency import ConsistencyScorer, ConsistencyScores, ScorerSettings, TorchBackend
-from mlflow_tabcons.data import TabularDataset, few_shot, load_dataset, split_dataset, stratified_sample
-from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
-from mlflow_tabcons.flavor.packaged import BACKENDS, check_backend_precision
-from mlflow_tabcons.finetune import EncodedRows, EnsembleTrainer, Member, TrainSettings, encode
-from mlflow_tabcons.metrics import classification_scores, majority_rate
-from mlflow_tabcons.model import DEFAULT_MODEL, load_encoder, load_tokenizer, resolve_model_path
-from mlflow_tabcons.plots import consistency_histogram, consistency_vs_range
-from mlflow_tabcons.registration import DEFAULT_REGISTER, register_reference, registered_model_name
+from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path
+from mlflow_tabcons.members.training import EnsembleTrainer, Member
+from mlflow_tabcons.metrics import multiplicity
+from mlflow_tabcons.metrics.classification import classification_scores, majority_rate
 from mlflow_tabcons.runtime import configure_threads, default_device
-from mlflow_tabcons.serialize import TEMPLATES, RowSerializer
-from mlflow_tabcons.tracking_store import initialize_tracking_store
+from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ConsistencyScores, TorchBackend
+from mlflow_tabcons.tracking import resume
+from mlflow_tabcons.tracking.config import TrainingConfig
+from mlflow_tabcons.tracking.plots import consistency_histogram, consistency_vs_range
+from mlflow_tabcons.tracking.prepared import PreparedData, TrainingOutcome, prepare_data
+from mlflow_tabcons.tracking.registration import register_reference
+from mlflow_tabcons.tracking.store import initialize_tracking_store
 
 logger = logging.getLogger(__name__)
 
 ROWS_ARTIFACT = "tabcons/rows.json"
-
-
-@dataclass(frozen=True)
-class TrainingConfig:
-    """Everything `tabcons train` / `mlflow run . -e main` takes."""
-
-    data: str = "credit-g"
-    target: str | None = None
-    question: str | None = None
-    dictionary: str | None = None
-    template: str = "compact"
-    shots: int = 256
-    seeds: int = 5
-    eval_rows: int = 100
-    model: str = DEFAULT_MODEL
-    experiment: str | None = None
-    split_seed: int = 0
-    train: TrainSettings = field(default_factory=TrainSettings)
-    scorer: ScorerSettings = field(default_factory=ScorerSettings)
-    # registered model name ({dataset} is filled in); None: log and register nothing
-    register: str | None = DEFAULT_REGISTER
-    serve_backend: str = "torch"  # engine of the registered model's neighbour passes: torch or onnx
-
-    def __post_init__(self) -> None:
-        check_int("seeds", self.seeds, minimum=2, maximum=1000)
-        check_int("shots", self.shots, minimum=1)
-        check_int("eval_rows", self.eval_rows, minimum=0)
-        check_int("split_seed", self.split_seed, minimum=0)
-        check_choice("template", self.template, TEMPLATES)
-        if self.register is not None:
-            registered_model_name(self.register, self.data)  # refuse a bad name before training, not after
-        check_choice("serve_backend", self.serve_backend, BACKENDS)
-        check_backend_precision(self.serve_backend, self.scorer.precision)
-
-    def params(self) -> dict[str, Any]:
-        """Flat parameters for MLflow (nested settings become dotted keys)."""
-        flat: dict[str, Any] = {}
-
-        def walk(prefix: str, value: Any) -> None:
-            if isinstance(value, dict):
-                for key, inner in value.items():
-                    walk(f"{prefix}.{key}" if prefix else key, inner)
-            else:
-                flat[prefix] = ",".join(value) if isinstance(value, (list, tuple)) else value
-
-        walk("", asdict(self))
-        return flat
-
-
-@dataclass
-class PreparedData:
-    """The dataset cut into what training and scoring read, serialized and tokenized."""
-
-    dataset: TabularDataset
-    serializer: RowSerializer
-    tokenizer: Any
-    train_frame: pd.DataFrame
-    eval_frame: pd.DataFrame
-    train: EncodedRows
-    validation: EncodedRows
-    evaluation: EncodedRows
-
-
-def prepare_data(config: TrainingConfig) -> PreparedData:
-    dataset = load_dataset(config.data, config.target, question=config.question, dictionary=config.dictionary)
-    split = split_dataset(dataset, seed=config.split_seed)
-    train_frame = few_shot(split.train, dataset.target, config.shots, seed=config.split_seed)
-    if config.eval_rows and config.eval_rows > len(split.test):
-        raise TabconsInputError(f"eval_rows={config.eval_rows} is larger than the {len(split.test)} test rows")
-    eval_frame = (
-        stratified_sample(split.test, dataset.target, config.eval_rows, seed=config.split_seed, what="eval_rows")
-        if config.eval_rows
-        else split.test
-    )
-    serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, config.template)
-    tokenizer = load_tokenizer(resolve_model_path(config.model))
-    max_length = config.train.max_length
-
-    def encoded(frame: pd.DataFrame) -> EncodedRows:
-        return encode(tokenizer, serializer.serialize_frame(frame), dataset.encode_labels(frame), max_length)
-
-    return PreparedData(
-        dataset, serializer, tokenizer, train_frame, eval_frame,
-        encoded(train_frame), encoded(split.validation), encoded(eval_frame),
-    )
-
-
-@dataclass
-class TrainingOutcome:
-    """What the job produced, for callers that go on (logging the model, evaluation)."""
-
-    parent_run_id: str
-    data: PreparedData
-    trainer: EnsembleTrainer
-    members: list[Member]
-    member_probabilities: np.ndarray  # (m, n, C) on the evaluation rows
-    scores: ConsistencyScores
-    metrics: dict[str, float]
-    rows: pd.DataFrame
-    eval_prefix: list[torch.Tensor] | None  # the frozen layers' output on the evaluation rows, shared by all members
-    model_version: Any = None  # the registered reference member (an MLflow ModelVersion), when registered
 
 
 def train_ensemble_members(

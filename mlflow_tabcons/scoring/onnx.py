@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlflow_tabcons.model import TabularClassifier
+from mlflow_tabcons.members.classifier import TabularClassifier
 
 ONNX_FILE = "classifier.onnx"
 EMBEDDING_FILE = "embedding.npy"

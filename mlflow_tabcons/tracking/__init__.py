@@ -1,0 +1,1 @@
+"""The MLflow jobs: train an ensemble, evaluate, calibrate, resume, register; what they log and where."""

@@ -1,0 +1,72 @@
+"""The rows a job reads (serialized and tokenized) and what a finished training job hands on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from mlflow_tabcons.data.serialize import RowSerializer
+from mlflow_tabcons.data.tables import TabularDataset, few_shot, load_dataset, split_dataset, stratified_sample
+from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.members.classifier import load_tokenizer, resolve_model_path
+from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, Member, encode
+from mlflow_tabcons.scoring.consistency import ConsistencyScores
+from mlflow_tabcons.tracking.config import TrainingConfig
+
+
+@dataclass
+class PreparedData:
+    """The dataset cut into what training and scoring read, serialized and tokenized."""
+
+    dataset: TabularDataset
+    serializer: RowSerializer
+    tokenizer: Any
+    train_frame: pd.DataFrame
+    eval_frame: pd.DataFrame
+    train: EncodedRows
+    validation: EncodedRows
+    evaluation: EncodedRows
+
+
+def prepare_data(config: TrainingConfig) -> PreparedData:
+    dataset = load_dataset(config.data, config.target, question=config.question, dictionary=config.dictionary)
+    split = split_dataset(dataset, seed=config.split_seed)
+    train_frame = few_shot(split.train, dataset.target, config.shots, seed=config.split_seed)
+    if config.eval_rows and config.eval_rows > len(split.test):
+        raise TabconsInputError(f"eval_rows={config.eval_rows} is larger than the {len(split.test)} test rows")
+    eval_frame = (
+        stratified_sample(split.test, dataset.target, config.eval_rows, seed=config.split_seed, what="eval_rows")
+        if config.eval_rows
+        else split.test
+    )
+    serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, config.template)
+    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    max_length = config.train.max_length
+
+    def encoded(frame: pd.DataFrame) -> EncodedRows:
+        return encode(tokenizer, serializer.serialize_frame(frame), dataset.encode_labels(frame), max_length)
+
+    return PreparedData(
+        dataset, serializer, tokenizer, train_frame, eval_frame,
+        encoded(train_frame), encoded(split.validation), encoded(eval_frame),
+    )
+
+
+@dataclass
+class TrainingOutcome:
+    """What the job produced, for callers that go on (logging the model, evaluation)."""
+
+    parent_run_id: str
+    data: PreparedData
+    trainer: EnsembleTrainer
+    members: list[Member]
+    member_probabilities: np.ndarray  # (m, n, C) on the evaluation rows
+    scores: ConsistencyScores
+    metrics: dict[str, float]
+    rows: pd.DataFrame
+    eval_prefix: list[torch.Tensor] | None  # the frozen layers' output on the evaluation rows, shared by all members
+    model_version: Any = None  # the registered reference member (an MLflow ModelVersion), when registered
