@@ -113,18 +113,24 @@ class TabularClassifier(nn.Module):
         """E(x): the output of the input embedding layer (before positions and norm)."""
         return self.encoder.get_input_embeddings()(input_ids)
 
-    def _pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) last hidden states -> (B, d) sentence vectors, the head's input."""
         if self.pooling == "cls":
             return hidden[:, 0]
         weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
 
-    def _classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self._pool(hidden, attention_mask)))
+    def logits_from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head alone: (B, d) sentence vectors -> (B, C) logits (the scorer perturbs here at its ``pooled`` site)."""
+        return self.head(self.dropout(pooled))
+
+    def pooled_from_embeddings(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The sentence vector the head reads, from input embeddings."""
+        hidden = self.encoder(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
+        return self.pool(hidden, attention_mask)
 
     def logits_from_embeddings(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
-        return self._classify(hidden, attention_mask)
+        return self.logits_from_pooled(self.pooled_from_embeddings(embeddings, attention_mask))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.logits_from_embeddings(self.embed(input_ids), attention_mask)
@@ -156,7 +162,7 @@ class TabularClassifier(nn.Module):
         mask = self._mask(hidden, attention_mask)
         for layer in _layer_stack(_backbone(self.encoder))[depth:]:
             hidden = layer(hidden, mask)
-        return self._classify(hidden, attention_mask)
+        return self.logits_from_pooled(self.pool(hidden, attention_mask))
 
     @contextmanager
     def attention(self, implementation: str) -> Iterator[None]:
