@@ -38,7 +38,8 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     metrics = parent.data.metrics
     for key in ("accuracy_seed_0", "accuracy_seed_1", "accuracy_mean", "arbitrariness", "mean_pairwise_disagreement",
                 "mean_prediction_variance", "mean_prediction_range", "certified_fraction", "certified_fraction_lower",
-                "certified_fraction_upper", "members_succeeded", "balanced_accuracy_mean", "majority_rate"):
+                "certified_fraction_upper", "members_succeeded", "balanced_accuracy_mean", "majority_rate",
+                "baseline_logistic_accuracy", "baseline_logistic_auroc", "baseline_boosting_accuracy", "baseline_boosting_auroc"):
         assert key in metrics, key
     assert metrics["members_succeeded"] == 2
     assert metrics["certified_fraction_lower"] <= metrics["certified_fraction"] <= metrics["certified_fraction_upper"]
@@ -56,6 +57,7 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     np.testing.assert_allclose(table["prediction_range"], spread, atol=1e-6)
     assert metrics["arbitrariness"] == pytest.approx(float((table["pairwise_disagreement"] > 0).mean()))
     assert "certified fraction" in result.output
+    assert f"logistic regression accuracy {metrics['baseline_logistic_accuracy']:.3f}" in result.output
 
 
 def test_a_failing_member_marks_its_child_and_the_parent_carries_on(tracking_uri, tiny_model_dir, monkeypatch):

@@ -48,6 +48,12 @@ def train(resume_run_id: str | None, **options: object) -> None:
         f"arbitrariness {metrics['arbitrariness']:.3f}, certified fraction {metrics['certified_fraction']:.3f} "
         f"[{metrics['certified_fraction_lower']:.3f}, {metrics['certified_fraction_upper']:.3f}]"
     )
+    click.echo(
+        f"classical baselines on the same rows: logistic regression accuracy {metrics['baseline_logistic_accuracy']:.3f} "
+        f"(AUROC {metrics.get('baseline_logistic_auroc', float('nan')):.3f}), gradient boosting accuracy "
+        f"{metrics['baseline_boosting_accuracy']:.3f} (AUROC {metrics.get('baseline_boosting_auroc', float('nan')):.3f}); "
+        f"members' AUROC {metrics.get('auroc_mean', float('nan')):.3f}"
+    )
     if outcome.model_version is not None:
         version = outcome.model_version
         click.echo(f"registered the reference member as models:/{version.name}/{version.version}")

@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.evaluation.classical import classical_baselines
 from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path
 from mlflow_tabcons.members.training import EnsembleTrainer, Member
 from mlflow_tabcons.metrics import multiplicity
@@ -157,6 +158,16 @@ def ensemble_metrics(
     return {k: v for k, v in metrics.items() if np.isfinite(v)}
 
 
+def baseline_metrics(data: PreparedData) -> dict[str, float]:
+    """The classical baselines fit on the members' training rows, scored on the evaluation rows."""
+    dataset = data.dataset
+    scores = classical_baselines(
+        data.train_frame, data.train.labels, data.eval_frame, data.evaluation.labels,
+        dataset.features, num_classes=len(dataset.labels),
+    )
+    return {k: v for k, v in scores.items() if np.isfinite(v)}
+
+
 def _log_new_params(run: mlflow.ActiveRun, params: dict[str, Any]) -> None:
     """Log the parameters the run does not have yet.
 
@@ -232,6 +243,7 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
         member_probabilities = np.stack(probabilities)
         metrics = ensemble_metrics(data.evaluation.labels, members, member_probabilities, scores)
         metrics.update(seconds_train=seconds_train, seconds_score=seconds_score)  # the cost the score replaces, and its own
+        metrics.update(baseline_metrics(data))
         mlflow.log_metrics(metrics)
         rows = per_row_table(data, members, member_probabilities, scores)
         mlflow.log_table(rows, ROWS_ARTIFACT)
