@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
-EXTRAS ?= onnx,spark,postgres,test
+EXTRAS ?= onnx,spark,postgres,test,docs
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tabcons-installed
 export HF_HUB_OFFLINE ?= 1

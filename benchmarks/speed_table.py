@@ -1,10 +1,10 @@
-"""The README's speed table, rendered from the results files the speed benchmarks wrote.
+"""The speed table of docs/benchmarks.md, rendered from the results files the speed benchmarks wrote.
 
     python benchmarks/speed_table.py [--out benchmarks/results/speed.md]
 
 Reads results/scoring.json, training.json and serving.json (whichever exist)
-and prints a markdown table: machine, date, medians, ratios, and whether each
-target of issue 6 is met.
+and prints a markdown table: machine, date, medians and ratios against the
+plain baseline measured in the same run.
 """
 
 from __future__ import annotations
@@ -25,22 +25,16 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _met(condition: bool) -> str:
-    return "met" if condition else "**not met**"
-
-
 def scoring_lines(result: dict[str, Any]) -> list[str]:
     config = result["config"]
     lines = [
         f"| Certified scoring, {result['rows']} {config['data']} rows, k_max={result['k_max']} "
         f"(~{config['mean_tokens']:.0f} tokens) | ours ({config['backend']}, {config['precision']}, early stop) "
         f"{result['paths']['ours']['seconds']:.0f} s, baseline {result['seconds_baseline']:.0f} s | "
-        f"**{result['speedup']:.1f}x**, decisions agree {result['decisions_agree']:.3f} | "
-        f"{_met(result['speedup'] >= 5 and result['decisions_agree'] >= 0.99)} (>= 5x, >= 0.99) |",
+        f"**{result['speedup']:.1f}x**, decisions agree {result['decisions_agree']:.3f} |",
         f"| Scoring arithmetic rate | ours {result['achieved_gflops']:.0f} GFLOP/s of {result['peak_gflops']:.0f} "
         f"({config['precision']} matmul peak); baseline {result['baseline_gflops']:.0f} of "
-        f"{result['peak_gflops_float32']:.0f} (float32) | {result['achieved_gflops'] / result['peak_gflops']:.0%} of peak | "
-        f"{_met(result['achieved_gflops'] >= 0.5 * result['peak_gflops'])} (>= 50% of peak) |",
+        f"{result['peak_gflops_float32']:.0f} (float32) | {result['achieved_gflops'] / result['peak_gflops']:.0%} of peak |",
     ]
     float32 = result["paths"].get("ours_float32")
     if float32:
@@ -48,23 +42,20 @@ def scoring_lines(result: dict[str, Any]) -> list[str]:
             f"| Scoring, float32 early-stop path alone | {float32['seconds']:.0f} s, "
             f"{float32['mean_neighbours']:.0f} neighbours/row, {float32['achieved_gflops']:.0f} of "
             f"{result['peak_gflops_float32']:.0f} GFLOP/s | {float32['speedup']:.1f}x, agree {float32['decisions_agree']:.3f}, "
-            f"{float32['achieved_gflops'] / result['peak_gflops_float32']:.0%} of float32 peak | "
-            f"{_met(float32['achieved_gflops'] >= 0.5 * result['peak_gflops_float32'])} (>= 50% of its peak) |"
+            f"{float32['achieved_gflops'] / result['peak_gflops_float32']:.0%} of float32 peak |"
         )
     return lines
 
 
 def training_lines(result: dict[str, Any]) -> list[str]:
     config = result["config"]
-    within = abs(result["accuracy_ours"] - result["accuracy_baseline"]) <= 0.02
     return [
         f"| Ensemble training, {config['seeds']} seeds x {config['shots']} {config['data']} rows x {config['epochs']} epochs "
         f"({result.get('precision_ours', 'float32')}) | ours {result['seconds_ours']:.0f} s, Trainer+PEFT "
         f"{result['seconds_baseline']:.0f} s (median member {result['median_member_seconds_ours']:.0f} s vs "
         f"{result['median_member_seconds_baseline']:.0f} s); accuracy {result['accuracy_ours']:.3f} vs "
         f"{result['accuracy_baseline']:.3f} | **{result['speedup']:.1f}x** (CPU time {result['cpu_speedup']:.1f}x, "
-        f"medians {result['median_member_seconds_baseline'] / result['median_member_seconds_ours']:.1f}x) | "
-        f"{_met(result['speedup'] >= 2 and within)} (>= 2x, within 2 points) |"
+        f"medians {result['median_member_seconds_baseline'] / result['median_member_seconds_ours']:.1f}x) |"
     ]
 
 
@@ -75,7 +66,7 @@ def serving_lines(result: dict[str, Any]) -> list[str]:
     return [
         f"| `mlflow models serve`, k={result['config']['k']}, {precision}, early stop | 1 row: p50 {one['p50_s']:.2f} s, p95 {one['p95_s']:.2f} s "
         f"({one['requests']} requests); {batch.split('_')[0]} rows: p50 {many['p50_s']:.1f} s, p95 {many['p95_s']:.1f} s "
-        f"({many['requests']} requests) | | |"
+        f"({many['requests']} requests) | |"
     ]
 
 
@@ -93,8 +84,8 @@ def render() -> str:
     head = [
         *(f"Machine ({', '.join(names)}): {where}." for where, names in runs.items()),
         "",
-        "| What | Measured (medians) | Ratio | Target |",
-        "| --- | --- | --- | --- |",
+        "| What | Measured (medians) | Ratio |",
+        "| --- | --- | --- |",
     ]
     body = [line for _, result, lines in loaded for line in lines(result)]
     return "\n".join(head + body) + "\n"

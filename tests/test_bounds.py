@@ -69,7 +69,7 @@ def test_bounds_are_informative_not_vacuous():
     betting = bounds.betting_lcb(z, ALPHA)[0]
     assert 0.75 < eb < 0.9
     assert eb < betting < 0.9  # betting is tighter on low-variance samples
-    # the empirical-Bernstein range term from METHOD.md: 14 ln(2/alpha) / (3 (k - 1))
+    # the empirical-Bernstein range term from docs/method.md ("The certificate"): 14 ln(2/alpha) / (3 (k - 1))
     constant = np.full((1, 100), 0.9)
     assert bounds.empirical_bernstein_lcb(constant, ALPHA)[0] == pytest.approx(0.9 - 14 * math.log(40) / (3 * 99))
 

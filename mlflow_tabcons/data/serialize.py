@@ -1,4 +1,4 @@
-"""Table row -> text (METHOD.md, "Serialization": the TabLLM text template).
+"""Table row -> text (docs/method.md, "Serialization": the TabLLM text template).
 
 A ``DataDictionary`` says how a column and its coded values read as words; a
 ``RowSerializer`` turns rows into the text the model reads. Both are plain data

@@ -1,4 +1,4 @@
-"""Baselines the consistency score must beat (METHOD.md, "Evaluation protocol", step 3).
+"""Baselines the consistency score must beat (docs/method.md, "Evaluation protocol", step 3).
 
 - confidence: the reference member's probability of its predicted class, as is;
 - MC-dropout (Gal & Ghahramani 2016): T stochastic forward passes of the

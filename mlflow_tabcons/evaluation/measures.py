@@ -1,4 +1,4 @@
-"""Does a per-row measure predict real multiplicity? (METHOD.md, "Evaluation protocol").
+"""Does a per-row measure predict real multiplicity? (docs/method.md, "Evaluation protocol").
 
 Pure functions, validated inputs. A *measure* gives one number per row where
 high means "this prediction is stable" (the consistency score S, the

@@ -1,4 +1,4 @@
-"""Fine-tuning a seed ensemble of LoRA members (METHOD.md, "Ground truth").
+"""Fine-tuning a seed ensemble of LoRA members (docs/method.md, "Ground truth").
 
 ``EnsembleTrainer`` holds what the members share: the tokenized rows, the
 frozen base encoder and, when LoRA wraps only the top layers, the output of

@@ -1,4 +1,4 @@
-"""Fine-tuning multiplicity across a seed ensemble (METHOD.md, "Ground truth").
+"""Fine-tuning multiplicity across a seed ensemble (docs/method.md, "Ground truth").
 
 Pure functions in the scikit-learn style: arrays in, numbers out, inputs
 validated. ``labels`` is an (m, n) integer array of m models' predicted classes

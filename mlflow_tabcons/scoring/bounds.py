@@ -1,4 +1,4 @@
-"""Lower confidence bounds on the mean of bounded samples (METHOD.md, "The certificate").
+"""Lower confidence bounds on the mean of bounded samples (docs/method.md, "The certificate").
 
 Every function takes ``z`` of shape (rows, k): k i.i.d. samples per row in
 [low, high] (for the consistency measure, Z_i = g(x_i) - |g(x) - g(x_i)| in

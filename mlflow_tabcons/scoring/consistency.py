@@ -1,6 +1,6 @@
 """The consistency score S, its certificate, and the certified-consistent fraction.
 
-METHOD.md, "The measure": for a row x with token embeddings E(x), draw k
+docs/method.md, "The measure": for a row x with token embeddings E(x), draw k
 neighbours E(x) + r * u_i on the sphere of radius r around E(x) (padding
 excluded), and average Z_i = g(x_i) - |g(x) - g(x_i)|, where g is the
 probability of the class predicted at x. The certificate is a lower confidence

@@ -1,13 +1,14 @@
 """Choosing the neighbourhood radius sigma (and checking k) against a small seed ensemble.
 
-METHOD.md: sigma matters more than anything, and its right scale depends on the
-model. `tabcons calibrate` fine-tunes a few seeds, scores held-out validation
-rows (never the evaluation rows) at several sigmas, and keeps the sigma whose
-score ranks the ensemble's prediction range best (most negative Spearman). At
-that sigma it scores again with several k and reports the smallest k whose
-ranking and certified fraction are within ``tolerance`` of the largest k's.
-The result is a JSON file (and an MLflow artifact) that `tabcons train
---calibration` and `tabcons evaluate --calibration` read.
+docs/method.md, "The measure": the radius sigma decides whether the measure
+works, and its right scale depends on the model. `tabcons calibrate` fine-tunes
+a few seeds, scores held-out validation rows (never the evaluation rows) at
+several sigmas, and keeps the sigma whose score ranks the ensemble's
+prediction range best (most negative Spearman). At that sigma it scores again
+with several k and reports the smallest k whose ranking and certified fraction
+are within ``tolerance`` of the largest k's. The result is a JSON file (and an
+MLflow artifact) that `tabcons train --calibration` and `tabcons evaluate
+--calibration` read.
 """
 
 from __future__ import annotations
