@@ -42,6 +42,8 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
                 "baseline_logistic_accuracy", "baseline_logistic_auroc", "baseline_boosting_accuracy", "baseline_boosting_auroc"):
         assert key in metrics, key
     assert metrics["members_succeeded"] == 2
+    assert parent.data.tags["tabcons.members_learned"] == ("true" if metrics["members_learned"] == 1.0 else "false")
+    assert 0.0 <= metrics["majority_test_pvalue_seed_0"] <= 1.0
     assert metrics["certified_fraction_lower"] <= metrics["certified_fraction"] <= metrics["certified_fraction_upper"]
     assert parent.data.params["scorer.k"] == "16" and parent.data.params["seeds"] == "2"
 

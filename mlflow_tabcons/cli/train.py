@@ -48,6 +48,11 @@ def train(resume_run_id: str | None, **options: object) -> None:
         f"arbitrariness {metrics['arbitrariness']:.3f}, certified fraction {metrics['certified_fraction']:.3f} "
         f"[{metrics['certified_fraction_lower']:.3f}, {metrics['certified_fraction_upper']:.3f}]"
     )
+    if not outcome.members_learned:
+        click.echo(
+            "the members do not beat the majority class on the evaluation rows (exact McNemar test, docs/recipe.md): "
+            "their multiplicity is noise, and the promotion gate's default protocol refuses this version"
+        )
     click.echo(
         f"classical baselines on the same rows: logistic regression accuracy {metrics['baseline_logistic_accuracy']:.3f} "
         f"(AUROC {metrics.get('baseline_logistic_auroc', float('nan')):.3f}), gradient boosting accuracy "

@@ -1,11 +1,11 @@
-"""Per-model classification scores: accuracy, balanced accuracy, AUROC, and the bar to beat."""
+"""Per-model classification scores: accuracy, balanced accuracy, AUROC, the bar to beat and the test of beating it."""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from mlflow_tabcons.errors import TabconsInputError, check_array
+from mlflow_tabcons.errors import TabconsInputError, check_array, check_float
 
 
 def majority_rate(labels: np.ndarray) -> float:
@@ -38,3 +38,41 @@ def classification_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict
         "balanced_accuracy": float(balanced_accuracy_score(labels, predicted)),
         "auroc": auroc(labels, probabilities),
     }
+
+
+def mcnemar_vs_majority(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """One-sided exact McNemar p-value that a model's predictions beat always predicting the majority class.
+
+    Paired on the same rows: ``b`` rows the model gets right and the constant
+    guess gets wrong, ``c`` the reverse. Under "no better than the majority
+    class", b <= c in expectation; the p-value is P(X >= b) for X ~ Binomial(b + c, 1/2).
+    """
+    from scipy.stats import binomtest
+
+    labels = check_array("labels", labels, ndim=1, min_shape=(1,), dtype=np.int64)
+    predicted = check_array("predicted", predicted, ndim=1, min_shape=(1,), dtype=np.int64)
+    if predicted.shape != labels.shape:
+        raise TabconsInputError(f"{labels.shape[0]} labels but {predicted.shape[0]} predictions")
+    majority = np.bincount(labels).argmax()
+    right, guess_right = predicted == labels, labels == majority
+    b, c = int(np.sum(right & ~guess_right)), int(np.sum(~right & guess_right))
+    if b + c == 0:
+        return 1.0
+    return float(binomtest(b, b + c, 0.5, alternative="greater").pvalue)
+
+
+def members_learned(labels: np.ndarray, member_probabilities: np.ndarray, alpha: float = 0.05) -> tuple[bool, np.ndarray]:
+    """Whether the members learned more than the majority class, and each member's McNemar p-value.
+
+    The stated test (docs/recipe.md): at least half of the members beat the
+    majority class, each by a one-sided exact McNemar test at level alpha / 2.
+    If no member is better than the majority class, the expected number of
+    members passing is at most m * alpha / 2, so by Markov's inequality half of
+    them pass with probability at most alpha, however dependent the members
+    are (they share the rows and the base model).
+    """
+    alpha = check_float("alpha", alpha, low=0.0, high=1.0, low_open=True, high_open=True)
+    member_probabilities = check_array("member_probabilities", member_probabilities, ndim=3, min_shape=(1, 1, 2))
+    p_values = np.array([mcnemar_vs_majority(labels, p.argmax(axis=1)) for p in member_probabilities])
+    passed = int(np.sum(p_values <= alpha / 2))
+    return bool(2 * passed >= len(p_values)), p_values

@@ -69,4 +69,6 @@ class TrainingOutcome:
     metrics: dict[str, float]
     rows: pd.DataFrame
     eval_prefix: list[torch.Tensor] | None  # the frozen layers' output on the evaluation rows, shared by all members
+    # whether the members beat the majority class on the evaluation rows (metrics.classification.members_learned)
+    members_learned: bool = False
     model_version: Any = None  # the registered reference member (an MLflow ModelVersion), when registered

@@ -23,7 +23,7 @@ from mlflow_tabcons.evaluation.classical import classical_baselines
 from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path
 from mlflow_tabcons.members.training import EnsembleTrainer, Member
 from mlflow_tabcons.metrics import multiplicity
-from mlflow_tabcons.metrics.classification import classification_scores, majority_rate
+from mlflow_tabcons.metrics.classification import classification_scores, majority_rate, members_learned
 from mlflow_tabcons.runtime import configure_threads, default_device
 from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ConsistencyScores, TorchBackend
 from mlflow_tabcons.tracking import resume
@@ -36,6 +36,7 @@ from mlflow_tabcons.tracking.store import initialize_tracking_store
 logger = logging.getLogger(__name__)
 
 ROWS_ARTIFACT = "tabcons/rows.json"
+LEARNED_TAG = "tabcons.members_learned"
 
 
 def train_ensemble_members(
@@ -144,6 +145,10 @@ def ensemble_metrics(
         metrics[f"{name}_mean"] = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
     metrics["majority_rate"] = majority_rate(labels)
     metrics["members_beating_majority"] = float(sum(s["accuracy"] > metrics["majority_rate"] for s in per_member))
+    learned, p_values = members_learned(labels, member_probabilities)
+    metrics["members_learned"] = float(learned)
+    for member, p_value in zip(members, p_values):
+        metrics[f"majority_test_pvalue_seed_{member.seed}"] = float(p_value)
     metrics.update(multiplicity.multiplicity_summary(member_labels, class_probabilities))
     fraction, low, high = scores.certified_fraction()
     metrics.update(
@@ -245,12 +250,20 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
         metrics.update(seconds_train=seconds_train, seconds_score=seconds_score)  # the cost the score replaces, and its own
         metrics.update(baseline_metrics(data))
         mlflow.log_metrics(metrics)
+        learned = metrics["members_learned"] == 1.0
+        mlflow.set_tag(LEARNED_TAG, str(learned).lower())
+        if not learned:
+            logger.warning(
+                "the members do not beat the majority class on the evaluation rows (docs/recipe.md, the stated test): "
+                "their disagreements are noise, and the registered version's evidence says so"
+            )
         rows = per_row_table(data, members, member_probabilities, scores)
         mlflow.log_table(rows, ROWS_ARTIFACT)
         mlflow.log_figure(consistency_vs_range(scores.consistency, rows["prediction_range"].to_numpy()), "tabcons/consistency_vs_range.png")
         mlflow.log_figure(consistency_histogram(scores.consistency, scores.certified, config.scorer.tau), "tabcons/consistency_histogram.png")
         outcome = TrainingOutcome(
-            parent.info.run_id, data, trainer, members, member_probabilities, scores, metrics, rows, eval_prefix
+            parent.info.run_id, data, trainer, members, member_probabilities, scores, metrics, rows, eval_prefix,
+            members_learned=learned,
         )
         if config.register:
             outcome.model_version = register_reference(outcome, config)
