@@ -1,4 +1,4 @@
-"""Gate attacks: every side door in tests/test_gate_attacks.py, each against a fresh gated SQLite store.
+"""Gate attacks: every side door in tests/test_gate_attacks.py, each against a freshly emptied gated SQLite store.
 
 Counts attempts, refusals, refusals found in the audit trail, and bypasses
 (a version that fails the policy, or carries evidence that is not its own,

@@ -1,4 +1,4 @@
-"""Signed evidence: round trip, tampering, keys, the evaluation-set digest, churn."""
+"""Signed evidence: round trip, tampering, roles and keys, old formats, the evaluation-set digest, content digests."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import stat
 
 import pandas as pd
 import pytest
-from gate_support import KEY, evidence
+from gate_support import KEY, VERIFIER_KEY, evidence
 
-from mlflow_tabcons.gate import evidence as ev
 from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.gate import evidence as ev
+from mlflow_tabcons.gate import keys
+from mlflow_tabcons.gate.artifacts import content_digest, directory_digest
 
 
 def test_sign_and_verify_round_trip():
@@ -34,7 +36,7 @@ def test_a_changed_number_breaks_the_signature():
 def test_other_key_missing_key_and_missing_tag_say_so():
     signed = ev.sign_evidence(evidence("run-1"), b"another-key-0123456789abcdef")
     assert "signed with another key" in _denied(signed)
-    assert "no evidence key configured" in _denied(signed, None)
+    assert "no trainer key configured" in _denied(signed, None)
     assert "no tabcons.evidence tag" in _denied(None)
     assert "not JSON" in _denied("certified=1")
     assert "no signed payload" in _denied(json.dumps({"evidence": {}}))
@@ -42,17 +44,37 @@ def test_other_key_missing_key_and_missing_tag_say_so():
 
 def test_signed_but_invalid_payload_is_refused():
     payload = {**evidence("run-1").to_dict(), "certified_fraction": 2.0}
-    value = json.dumps({"format": ev.FORMAT_VERSION, "evidence": payload, "key_id": ev.key_id(KEY),
-                        "hmac_sha256": ev.hmac.new(KEY, ev._canonical(payload), ev.hashlib.sha256).hexdigest()})
+    value = json.dumps({"format": ev.FORMAT_VERSION, "evidence": payload, "key_id": keys.key_id(KEY),
+                        "hmac_sha256": ev.hmac.new(KEY, ev.canonical_json(payload), ev.hashlib.sha256).hexdigest()})
     assert "signed but invalid evidence" in _denied(value)
+
+
+def test_an_older_format_is_refused_saying_so():
+    document = json.loads(ev.sign_evidence(evidence("run-1"), KEY))
+    document["format"] = 2
+    assert "evidence format 2 is not 3" in _denied(json.dumps(document)) and "measure the version again" in _denied(json.dumps(document))
+
+
+def test_a_role_is_bound_to_its_key_and_its_tag():
+    """Trainer-signed evidence cannot pose as the verifier's, even when it says it is."""
+    posing = ev.sign_evidence(evidence("run-1", role="verifier"), KEY)
+    with pytest.raises(ev.MlflowException, match="signed with another key"):
+        ev.verify_evidence(posing, VERIFIER_KEY, "verifier")
+    with pytest.raises(ev.MlflowException, match="measured by the verifier, not the trainer"):
+        ev.verify_evidence(posing, KEY, "trainer")
+    verified = ev.sign_evidence(evidence("run-1", role="verifier"), VERIFIER_KEY)
+    assert ev.verify_evidence(verified, VERIFIER_KEY, "verifier").role == "verifier"
 
 
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
         ({"certified_fraction_lower": 0.95}, "interval must contain its estimate"),
-        ({"predictions": "01"}, "hold 2 rows, n_eval says 4"),
+        ({"predictions": "01"}, "hold 2 rows, n_eval says 100"),
         ({"alpha": 0.0}, "alpha"),
+        ({"certified_fraction": 0.855}, "no whole share"),
+        ({"members_learned": 1}, "members_learned must be true or false"),
+        ({"role": "owner"}, "role"),
         ({"run_id": ""}, "run_id"),
     ],
 )
@@ -69,12 +91,27 @@ def test_from_dict_refuses_missing_and_unknown_fields():
         ev.Evidence.from_dict(data)
 
 
-def test_predictions_encode_compactly_and_churn_counts_changes():
+def test_predictions_encode_compactly():
     assert ev.encode_predictions([0, 1, 1, 0]) == "0110"
     assert ev.decode_predictions(ev.encode_predictions([3, 12, 0])) == [3, 12, 0]
-    assert ev.churn(evidence("a", predictions="0110"), evidence("b", predictions="0111")) == 0.25
-    with pytest.raises(TabconsInputError, match="same evaluation set"):
-        ev.churn(evidence("a"), evidence("b", digest="sha256:other"))
+    assert evidence("a", predictions="0110").predicted_classes()[:4].tolist() == [0, 1, 1, 0]
+
+
+def test_content_digest_sees_every_byte_and_every_name(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "model" / "MLmodel").write_text("flavors: {}")
+    digest = directory_digest(tmp_path / "model")
+    assert digest.startswith("sha256:") and content_digest(str(tmp_path / "model")) == digest
+    assert content_digest((tmp_path / "model").as_uri()) == digest
+    with open(tmp_path / "model" / "model.safetensors", "ab") as handle:
+        handle.write(b"\0")
+    assert directory_digest(tmp_path / "model") != digest
+    (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "model" / "MLmodel").rename(tmp_path / "model" / "MLmodel2")
+    assert directory_digest(tmp_path / "model") != digest
+    with pytest.raises(TabconsInputError, match="cannot read the model files"):
+        content_digest(str(tmp_path / "missing"))
 
 
 def test_eval_digest_ignores_column_order_but_not_rows_or_labels():
@@ -87,24 +124,28 @@ def test_eval_digest_ignores_column_order_but_not_rows_or_labels():
         ev.eval_digest(frame.iloc[:0])
 
 
-def test_key_sources_and_the_demo_key_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(ev, "DEFAULT_KEY_FILE", tmp_path / "cfg" / "evidence.key")
-    monkeypatch.delenv(ev.KEY_ENV, raising=False)
-    monkeypatch.delenv(ev.KEY_FILE_ENV, raising=False)
-    assert ev.evidence_key() is None
-    created = ev.ensure_evidence_key()
+def test_key_sources_and_the_demo_key_files(tmp_path, monkeypatch):
+    monkeypatch.setattr(keys, "KEY_DIRECTORY", tmp_path / "cfg")
+    for role in keys.ROLES:
+        monkeypatch.delenv(keys.KEY_ENV[role], raising=False)
+        monkeypatch.delenv(keys.KEY_FILE_ENV[role], raising=False)
+    assert keys.signing_key() is None and keys.signing_key("verifier") is None
+    created = keys.ensure_signing_key()
     assert stat.S_IMODE((tmp_path / "cfg" / "evidence.key").stat().st_mode) == 0o600
-    assert ev.evidence_key() == created == ev.ensure_evidence_key()
+    assert keys.signing_key() == created == keys.ensure_signing_key()
+    assert keys.signing_key("verifier") is None  # the trainer's key file is not the verifier's
+    assert keys.ensure_signing_key("verifier") != created and (tmp_path / "cfg" / "verifier.key").exists()
     (tmp_path / "k").write_text("file-key-0123456789abcdef\n")
-    monkeypatch.setenv(ev.KEY_FILE_ENV, str(tmp_path / "k"))
-    assert ev.evidence_key() == b"file-key-0123456789abcdef"
-    monkeypatch.setenv(ev.KEY_ENV, "env-key-0123456789abcdef")
-    assert ev.evidence_key() == b"env-key-0123456789abcdef"
-    monkeypatch.setenv(ev.KEY_ENV, "short")
+    monkeypatch.setenv(keys.KEY_FILE_ENV["trainer"], str(tmp_path / "k"))
+    assert keys.signing_key() == b"file-key-0123456789abcdef"
+    monkeypatch.setenv(keys.KEY_ENV["trainer"], "env-key-0123456789abcdef")
+    assert keys.signing_key() == b"env-key-0123456789abcdef"
+    monkeypatch.setenv(keys.KEY_ENV["verifier"], "short")
     with pytest.raises(TabconsInputError, match="at least 16 bytes"):
-        ev.evidence_key()
+        keys.signing_key("verifier")
 
 
 def test_reserved_tags():
     assert all(ev.is_reserved_tag(k) for k in ("tabcons.evidence", "tabcons.verdict.champion", "tabcons.audit.x"))
-    assert not any(ev.is_reserved_tag(k) for k in ("tabcons.break_glass", "tabcons.role", "owner"))
+    assert ev.is_reserved_tag("tabcons.evidence.verified")
+    assert not any(ev.is_reserved_tag(k) for k in ("tabcons.break_glass.champion", "tabcons.role", "owner"))

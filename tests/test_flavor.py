@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow_tabcons import flavor
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.gate.artifacts import content_digest
 from mlflow_tabcons.gate.evidence import EVIDENCE_TAG, verify_evidence
 from mlflow_tabcons.flavor import TabconsModel
 from mlflow_tabcons.scoring.onnx import OnnxBackend
@@ -170,9 +171,14 @@ def test_main_registers_the_reference_member_with_signed_evidence_and_the_chosen
     assert evidence.run_id == parent.info.run_id and evidence.n_eval == 12 and evidence.k == 16
     assert evidence.certified_fraction == pytest.approx(parent.data.metrics["certified_fraction"])
 
+    assert evidence.members == 2 and evidence.tau == 0.5 and evidence.variance_bound == 1.0 and evidence.training["shots"] == "24"
+    assert evidence.members_learned == (parent.data.metrics["members_beating_majority"] == 2)
+
     model = flavor.load_model("models:/pima-diabetes/1", dst_path=str(tmp_path))
-    assert version.source == f"models:/{evidence.artifact}"  # bound to this logged model, not just to the run
-    assert {**model.evidence, "artifact": evidence.artifact} == evidence.to_dict()
+    # bound to the files stored for this version, at the location the registry resolved when it was created
+    assert evidence.artifact == client.get_model_version_download_uri("pima-diabetes", "1")
+    assert evidence.model_sha256 == content_digest(evidence.artifact)
+    assert {**model.evidence, "artifact": evidence.artifact, "model_sha256": evidence.model_sha256} == evidence.to_dict()
     assert isinstance(model.backend, OnnxBackend)
     table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
     features = table[model.columns]

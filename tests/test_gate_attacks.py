@@ -1,31 +1,40 @@
-"""Every side door around the promotion gate we could find, tried against a real gated store.
+"""Every side door around the promotion gate we could find, tried against a real gated store on SQLite, PostgreSQL and MariaDB.
 
 Each attack tries to get a version that fails the policy (or whose evidence
-is not its own) to @champion or the Production stage of the protected model
-``credit``. It must be refused with PERMISSION_DENIED, leave the protected
-target as it was, and leave a refusal in the audit trail where the gate
-audits that path. ``ATTACKS`` is also run by benchmarks/reliability_gate.py,
-which counts attempts, refusals and bypasses for reliability.json.
+is not its own, or was measured under the trainer's own rules) to @champion or
+the Production stage of the protected model ``credit``. It must be refused,
+leave the protected target as it was, and leave a refusal in the audit trail
+where the gate audits that path. ``ATTACKS`` is also run by
+benchmarks/reliability_gate.py, which counts attempts, refusals and bypasses
+for reliability.json.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
-import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from gate_support import KEY, POLICY, evidence, new_version
+from conftest import ADMIN_URI_FIXTURES, SQL_BACKENDS, new_database
+from gate_support import KEY, POLICY, VERIFIER_KEY, evidence, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
-from mlflow_tabcons.gate.evidence import BREAK_GLASS_TAG, EVIDENCE_TAG, FORMAT_VERSION, sign_evidence
 from mlflow_tabcons.gate import audit_trail
+from mlflow_tabcons.gate.evidence import (
+    BREAK_GLASS_TAG,
+    EVIDENCE_TAG,
+    FORMAT_VERSION,
+    VERIFIED_EVIDENCE_TAG,
+    Evidence,
+    sign_evidence,
+)
 
 MODEL = "credit"
 
@@ -47,12 +56,13 @@ class Arena:
         return sum(not record.allowed for record in audit_trail("tabcons+" + self.uri))
 
     def champion(self) -> str | None:
-        """Read from the database: MLflow hides models tagged as prompts from get_registered_model."""
+        """Read from the database (MLflow hides models tagged as prompts), in any spelling of the alias."""
         engine = sa.create_engine(self.uri)
         try:
             with engine.connect() as connection:
                 row = connection.execute(
-                    sa.text("select version from registered_model_aliases where name = :name and alias = 'champion'"),
+                    sa.text("select version from registered_model_aliases "
+                            "where lower(name) = :name and lower(alias) = 'champion'"),
                     {"name": MODEL},
                 ).first()
         finally:
@@ -64,6 +74,9 @@ class Arena:
             return [v.version for v in self.client.get_latest_versions(MODEL, ["Production"])]
         except MlflowException:
             return []
+
+    def allow_break_glass(self) -> None:
+        self.policy.write_text(POLICY.replace("version: 1\n", "version: 1\nbreak_glass: {allowed: true}\n"))
 
 
 def _weak(arena: Arena, **fields: object):
@@ -220,6 +233,112 @@ def churn_dodged_by_removing_the_alias_first(arena: Arena) -> None:
     arena.client.set_registered_model_alias(MODEL, "champion", churny.version)
 
 
+def the_issues_cheat(arena: Arena) -> None:
+    """`tabcons train ... --tau -0.9 --alpha 0.5 --k 16`, members at the majority rate: everything certified."""
+    cheat = arena.aim(new_version(arena.client, MODEL, lower=0.95, tau=-0.9, alpha=0.5, k=16, members_learned=False))
+    arena.client.set_registered_model_alias(MODEL, "champion", cheat.version)
+
+
+def stated_variance_bound_below_the_rows(arena: Arena) -> None:
+    """`--bound bernstein --variance-bound 1e-9`: certifies rows the empirical Bernstein bound does not."""
+    cheat = arena.aim(new_version(arena.client, MODEL, lower=0.95, bound="bernstein", variance_bound=1e-9,
+                                  max_row_variance=0.2))
+    arena.client.set_registered_model_alias(MODEL, "champion", cheat.version)
+
+
+def vanishing_sigma(arena: Arena) -> None:
+    """Neighbours at radius 1e-6 are the row itself: every row is 'consistent'."""
+    cheat = arena.aim(new_version(arena.client, MODEL, lower=0.95, sigma=1e-6))
+    arena.client.set_registered_model_alias(MODEL, "champion", cheat.version)
+
+
+def weights_changed_after_registration(arena: Arena) -> None:
+    """Good evidence, then one byte appended to the stored model.safetensors."""
+    good = arena.aim(new_version(arena.client, MODEL, lower=0.95))
+    location = arena.client.get_model_version_download_uri(MODEL, good.version)
+    with open(os.path.join(location, "model.safetensors"), "ab") as weights:
+        weights.write(b"\0")
+    arena.client.set_registered_model_alias(MODEL, "champion", good.version)
+
+
+def churn_dodged_by_deleting_the_holder(arena: Arena) -> None:
+    good = new_version(arena.client, MODEL, lower=0.95, predictions="0000")
+    arena.client.set_registered_model_alias(MODEL, "champion", good.version)
+    churny = arena.aim(new_version(arena.client, MODEL, lower=0.95, predictions="1111"))
+    arena.client.delete_model_version(MODEL, good.version)
+    arena.client.set_registered_model_alias(MODEL, "champion", churny.version)
+
+
+def churn_dodged_by_deleting_the_model(arena: Arena) -> None:
+    good = new_version(arena.client, MODEL, lower=0.95, predictions="0000")
+    arena.client.set_registered_model_alias(MODEL, "champion", good.version)
+    arena.client.delete_registered_model(MODEL)
+    churny = arena.aim(new_version(arena.client, MODEL, lower=0.95, predictions="1111"))  # version 1 again
+    arena.client.set_registered_model_alias(MODEL, "champion", churny.version)
+
+
+def churn_dodged_by_archiving_the_stage_holder(arena: Arena) -> None:
+    good = new_version(arena.client, MODEL, lower=0.95, predictions="0000")
+    arena.client.transition_model_version_stage(MODEL, good.version, "Production")
+    churny = arena.aim(new_version(arena.client, MODEL, lower=0.95, predictions="1111"))
+    arena.client.transition_model_version_stage(MODEL, good.version, "Archived")
+    arena.client.transition_model_version_stage(MODEL, churny.version, "Production")
+
+
+def break_glass_armed_by_the_promoter(arena: Arena) -> None:
+    arena.allow_break_glass()
+    weak = _weak(arena)
+    arena.client.set_model_version_tag(MODEL, weak.version, f"{BREAK_GLASS_TAG}.champion", "I approve myself")
+    arena.client.set_registered_model_alias(MODEL, "champion", weak.version)
+
+
+def break_glass_armed_for_another_target(arena: Arena) -> None:
+    arena.allow_break_glass()
+    weak = _weak(arena)
+    real = getpass.getuser
+    getpass.getuser = lambda: "approver-anna"
+    try:
+        arena.client.set_model_version_tag(MODEL, weak.version, f"{BREAK_GLASS_TAG}.stage.Staging", "for staging only")
+    finally:
+        getpass.getuser = real
+    arena.client.set_registered_model_alias(MODEL, "champion", weak.version)
+
+
+def break_glass_over_untrusted_evidence(arena: Arena) -> None:
+    arena.allow_break_glass()
+    unsigned = arena.aim(new_version(arena.client, MODEL, signed=False))
+    real = getpass.getuser
+    getpass.getuser = lambda: "approver-anna"
+    try:
+        arena.client.set_model_version_tag(MODEL, unsigned.version, f"{BREAK_GLASS_TAG}.champion", "INC-1")
+    finally:
+        getpass.getuser = real
+    arena.client.set_registered_model_alias(MODEL, "champion", unsigned.version)
+
+
+def alias_in_upper_case(arena: Arena) -> None:
+    """On MySQL/MariaDB `CHAMPION` is the row `champion`; everywhere, the gate treats it as protected."""
+    weak = _weak(arena)
+    arena.client.set_registered_model_alias(MODEL, "CHAMPION", weak.version)
+
+
+def trainer_evidence_under_verified(arena: Arena) -> None:
+    arena.policy.write_text(POLICY.replace("    max_churn: 0.30\nstages", "    max_churn: 0.30\n    protocol: {evidence: verified}\nstages", 1))
+    good = arena.aim(new_version(arena.client, MODEL, lower=0.95))
+    arena.client.set_registered_model_alias(MODEL, "champion", good.version)
+
+
+def trainer_key_in_the_verified_tag(arena: Arena) -> None:
+    arena.policy.write_text(POLICY.replace("    max_churn: 0.30\nstages", "    max_churn: 0.30\n    protocol: {evidence: verified}\nstages", 1))
+    good = arena.aim(new_version(arena.client, MODEL, lower=0.95))
+    trainer = arena.client.get_model_version(MODEL, good.version).tags[EVIDENCE_TAG]
+    posing = Evidence.from_dict({**json.loads(trainer)["evidence"], "role": "verifier"})
+    forged = sign_evidence(posing, KEY)
+    arena.client.set_model_version_tag(MODEL, good.version, VERIFIED_EVIDENCE_TAG, forged)
+
+
+
+
 # attack -> whether its refusal must be in the audit trail (hand-written reserved tags are refused before any audit)
 ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     "forged unsigned evidence": (forged_unsigned_evidence, True),
@@ -245,6 +364,19 @@ ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     # evidence names the model it was measured on: the replay is refused when the version is created
     "evidence replayed onto another artifact of the same run": (evidence_replayed_on_another_artifact, False),
     "churn rule dodged by deleting the alias first": (churn_dodged_by_removing_the_alias_first, True),
+    "the issue's cheat: tau -0.9, alpha 0.5, k 16, members that did not learn": (the_issues_cheat, True),
+    "classical Bernstein with a variance bound below the rows' variance": (stated_variance_bound_below_the_rows, True),
+    "sigma 1e-6 (neighbours are the row itself)": (vanishing_sigma, True),
+    "a byte appended to model.safetensors after registration": (weights_changed_after_registration, True),
+    "churn rule dodged by deleting the holding version": (churn_dodged_by_deleting_the_holder, True),
+    "churn rule dodged by deleting and recreating the model": (churn_dodged_by_deleting_the_model, True),
+    "churn rule dodged by archiving the stage holder": (churn_dodged_by_archiving_the_stage_holder, True),
+    "break-glass armed by the promoter (self-approval)": (break_glass_armed_by_the_promoter, True),
+    "break-glass armed for another target": (break_glass_armed_for_another_target, True),
+    "break-glass over missing evidence": (break_glass_over_untrusted_evidence, True),
+    "alias spelled CHAMPION": (alias_in_upper_case, True),
+    "trainer evidence where the policy asks for verified": (trainer_evidence_under_verified, True),
+    "trainer-signed evidence written as the verifier's": (trainer_key_in_the_verified_tag, True),
 }
 if os.geteuid() != 0:  # root reads a mode-000 file anyway
     ATTACKS["policy file mode 000"] = (_policy_made_unusable(_unreadable), True)
@@ -258,21 +390,39 @@ class Outcome:
     message: str
 
 
-def new_arena(folder: Path, template: Path | None = None) -> Arena:
-    """Needs TABCONS_POLICY and TABCONS_EVIDENCE_KEY pointing at ``folder``'s policy (see ``gate_environment``).
+GATE_TABLES = ("model_version_tags", "registered_model_aliases", "model_versions", "registered_model_tags",
+               "registered_models", "tabcons_audit", "tabcons_locks")
 
-    ``template``: an empty, already migrated database to start from (MLflow's migrations take seconds).
+
+def new_arena(folder: Path, database: str | None = None) -> Arena:
+    """A gated client on ``database`` (a fresh SQLite file in ``folder`` when None), its registry emptied.
+
+    Needs TABCONS_POLICY and the keys pointing at ``folder`` (see ``gate_environment``).
     """
-    if template is not None:
-        shutil.copyfile(template, folder / "gate.db")
-    uri = f"sqlite:///{folder / 'gate.db'}"
-    return Arena(MlflowClient(tracking_uri=uri, registry_uri="tabcons+" + uri), uri, folder / "policy.yaml")
+    uri = database or f"sqlite:///{folder / 'gate.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri="tabcons+" + uri)
+    client.search_registered_models()  # creates and migrates the tables, the gate's included
+    engine = sa.create_engine(uri)
+    try:
+        with engine.begin() as connection:
+            for table in GATE_TABLES:
+                connection.execute(sa.text(f"delete from {table}"))
+    finally:
+        engine.dispose()
+    return Arena(client, uri, folder / "policy.yaml")
 
 
 def gate_environment(folder: Path) -> dict[str, str]:
-    (folder / "policy.yaml").write_text(POLICY)
+    """The policy file written afresh (whatever an earlier attack left at its path) and the keys."""
+    path = folder / "policy.yaml"
+    if path.is_symlink() or path.is_file():
+        path.chmod(0o600) if not path.is_symlink() else None
+        path.unlink()
+    elif path.is_dir():
+        path.rmdir()
+    path.write_text(POLICY)
     return {"TABCONS_POLICY": str(folder / "policy.yaml"), "TABCONS_EVIDENCE_KEY": KEY.decode(),
-            "MLFLOW_TRACKING_USERNAME": "attacker"}
+            "TABCONS_VERIFIER_KEY": VERIFIER_KEY.decode()}
 
 
 def run_attack(arena: Arena, attack: Callable[[Arena], None]) -> Outcome:
@@ -286,21 +436,23 @@ def run_attack(arena: Arena, attack: Callable[[Arena], None]) -> Outcome:
     return Outcome(refused, promoted, arena.refusals() > before, message)
 
 
-@pytest.fixture(scope="module")
-def empty_database(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("gate-template")
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in gate_environment(folder).items():
-            patch.setenv(key, value)
-        new_arena(folder).client.search_registered_models()  # creates and migrates the tables, gate's included
-    return folder / "gate.db"
+@pytest.fixture(scope="module", params=SQL_BACKENDS)
+def database(request: pytest.FixtureRequest, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    """One database per backend for the module, and the folder of its policy file (MLflow caches the store per URI)."""
+    folder = tmp_path_factory.mktemp("gate-attacks")
+    if request.param == "sqlite":
+        yield f"sqlite:///{folder / 'gate.db'}", folder
+        return
+    with new_database(request.getfixturevalue(ADMIN_URI_FIXTURES[request.param])) as uri:
+        yield uri, folder
 
 
 @pytest.fixture()
-def arena(tmp_path, monkeypatch, empty_database) -> Arena:
-    for key, value in gate_environment(tmp_path).items():
+def arena(monkeypatch, database) -> Arena:
+    uri, folder = database
+    for key, value in gate_environment(folder).items():
         monkeypatch.setenv(key, value)
-    return new_arena(tmp_path, empty_database)
+    return new_arena(folder, uri)
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, id=name.replace(" ", "-")) for name in ATTACKS])

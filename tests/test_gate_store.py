@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
 import json
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -35,7 +37,6 @@ def policy_file(tmp_path, monkeypatch):
     path.write_text(POLICY)
     monkeypatch.setenv("TABCONS_POLICY", str(path))
     monkeypatch.setenv("TABCONS_EVIDENCE_KEY", KEY.decode())
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "reviewer-ann")
     return path
 
 
@@ -60,12 +61,13 @@ def test_alias_allowed_records_verdict_tag_and_audit(client, database_uri):
     client.set_registered_model_alias("credit", "champion", version.version)
     assert client.get_registered_model("credit").aliases == {"champion": version.version}
     verdict = client.get_model_version("credit", version.version).tags["tabcons.verdict.champion"]
-    assert verdict.startswith("allowed") and "0.8500 >= 0.8000" in verdict
+    assert verdict.startswith("allowed") and "policy's 95% interval): 0.8238 >= 0.8000" in verdict  # 90 of 100 certified
     (row,) = audit_of(database_uri, "credit", "set_alias")
-    assert row.allowed and row.actor == "reviewer-ann" and row.target == "alias:champion"
-    assert {c["rule"]: c["value"] for c in row.detail["checks"]} == {
-        "min_certified_fraction": 0.85, "max_arbitrariness": 0.05, "min_accuracy": 0.8, "max_churn": 0.0,
+    assert row.allowed and row.actor == f"local:{getpass.getuser()}" and row.target == "alias:champion"
+    assert {c["rule"]: round(c["value"], 4) for c in row.detail["checks"]} == {
+        "min_certified_fraction": 0.8238, "max_arbitrariness": 0.05, "min_accuracy": 0.8, "max_churn": 0.0,
     }
+    assert row.detail["evidence"]["model_sha256"].startswith("sha256:")  # what a later churn check compares with
 
 
 def test_refusal_lists_every_failed_rule_and_changes_nothing(client, database_uri):
@@ -73,8 +75,8 @@ def test_refusal_lists_every_failed_rule_and_changes_nothing(client, database_ur
     client.set_registered_model_alias("credit", "champion", champion.version)
     weak = new_version(client, "credit", lower=0.6, arbitrariness=0.2, accuracy=0.5, predictions="1111")
     message = refusal(client.set_registered_model_alias, "credit", "champion", weak.version)
-    for fragment in ("0.6000 < 0.8000", "max_arbitrariness: 0.2000 > 0.1000", "min_accuracy: 0.5000 < 0.7000",
-                     "max_churn (against version 1): 1.0000 > 0.3000", "--break-glass"):
+    for fragment in ("0.5482 < 0.8000", "max_arbitrariness: 0.2000 > 0.1000", "min_accuracy: 0.5000 < 0.7000",
+                     "max_churn (against version 1): 1.0000 > 0.3000", "tabcons break-glass"):
         assert fragment in message
     assert client.get_registered_model("credit").aliases == {"champion": champion.version}
     assert client.get_model_version("credit", weak.version).tags["tabcons.verdict.champion"].startswith("refused")
@@ -87,7 +89,7 @@ def test_uri_with_a_driver_reaches_the_gate(tmp_path, policy_file):
     uri = f"sqlite+pysqlite:///{tmp_path / 'gate.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri="tabcons+" + uri)
     weak = new_version(client, "credit", lower=0.6)
-    assert "0.6000 < 0.8000" in refusal(client.set_registered_model_alias, "credit", "champion", weak.version)
+    assert "0.5482 < 0.8000" in refusal(client.set_registered_model_alias, "credit", "champion", weak.version)
 
 
 def test_churn_against_the_incumbent(client):
@@ -194,27 +196,67 @@ def test_rename_cannot_dodge_the_rules(client):
     assert client.get_registered_model("sandbox-other").aliases == {"champion": weak.version}
 
 
-def test_break_glass_is_justified_audited_and_one_shot(client, database_uri):
+BREAK_GLASS_POLICY = POLICY.replace("version: 1\n", "version: 1\nbreak_glass: {allowed: true, ttl_minutes: 30}\n")
+
+
+def _as(monkeypatch, user: str) -> None:
+    """Act as another OS user: an in-process client is named by its OS user in the audit trail."""
+    monkeypatch.setattr(getpass, "getuser", lambda: user)
+
+
+def test_break_glass_needs_a_second_person_is_audited_and_one_shot(client, database_uri, policy_file, monkeypatch):
+    policy_file.write_text(BREAK_GLASS_POLICY)
     weak = new_version(client, "credit", lower=0.6)
+    glass = "tabcons.break_glass.champion"
     with pytest.raises(MlflowException, match="justification") as caught:
-        client.set_model_version_tag("credit", weak.version, "tabcons.break_glass", "   ")
+        client.set_model_version_tag("credit", weak.version, glass, "   ")
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
-    client.set_model_version_tag("credit", weak.version, "tabcons.break_glass", "INC-42: CRO approved")
+    with pytest.raises(MlflowException, match="name the target"):
+        client.set_model_version_tag("credit", weak.version, "tabcons.break_glass", "INC-42")
+    _as(monkeypatch, "cro-anna")
+    client.set_model_version_tag("credit", weak.version, glass, "INC-42: CRO approved")
+    assert "cannot also promote" in refusal(client.set_registered_model_alias, "credit", "champion", weak.version)
+    assert glass not in client.get_model_version("credit", weak.version).tags  # consumed by the refused attempt
+    client.set_model_version_tag("credit", weak.version, glass, "INC-42: CRO approved")
+    _as(monkeypatch, "engineer-ben")
     client.set_registered_model_alias("credit", "champion", weak.version)
     tags = client.get_model_version("credit", weak.version).tags
-    assert "tabcons.break_glass" not in tags
-    assert tags["tabcons.verdict.champion"].startswith("allowed by break-glass")
+    assert glass not in tags and tags["tabcons.verdict.champion"].startswith("allowed by break-glass")
     armed, used = audit_of(database_uri, "credit")[-2:]
-    assert (armed.action, armed.break_glass) == ("arm_break_glass", "INC-42: CRO approved")
-    assert (used.action, used.allowed, used.break_glass) == ("set_alias", True, "INC-42: CRO approved")
+    assert (armed.action, armed.actor, armed.break_glass) == ("arm_break_glass", "local:cro-anna", "INC-42: CRO approved")
+    assert (used.action, used.allowed, used.actor, used.break_glass) == ("set_alias", True, "local:engineer-ben", "INC-42: CRO approved")
     client.delete_registered_model_alias("credit", "champion")
     refusal(client.set_registered_model_alias, "credit", "champion", weak.version)
 
 
-def test_break_glass_can_be_disabled(client, policy_file):
-    policy_file.write_text(POLICY.replace("version: 1\n", "version: 1\nallow_break_glass: false\n"))
+def test_break_glass_is_bound_to_its_target_approvers_and_time(client, policy_file, monkeypatch):
+    policy_file.write_text(BREAK_GLASS_POLICY.replace("ttl_minutes: 30", "ttl_minutes: 30, approvers: [cro-anna]"))
     weak = new_version(client, "credit", lower=0.6)
-    assert "allow_break_glass: false" in refusal(client.set_model_version_tag, "credit", weak.version, "tabcons.break_glass", "please")
+    _as(monkeypatch, "engineer-ben")
+    assert "not one of the policy's break-glass approvers" in refusal(
+        client.set_model_version_tag, "credit", weak.version, "tabcons.break_glass.champion", "self-approved")
+    _as(monkeypatch, "cro-anna")
+    client.set_model_version_tag("credit", weak.version, "tabcons.break_glass.stage.Production", "INC-7")
+    _as(monkeypatch, "engineer-ben")
+    refusal(client.set_registered_model_alias, "credit", "champion", weak.version)  # armed for Production only
+    _as(monkeypatch, "cro-anna")
+    client.set_model_version_tag("credit", weak.version, "tabcons.break_glass.champion", "INC-8")
+    _as(monkeypatch, "engineer-ben")
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: real_time() + 31 * 60)
+    assert "expired" in refusal(client.set_registered_model_alias, "credit", "champion", weak.version)
+
+
+def test_break_glass_does_not_cover_missing_evidence_and_is_off_by_default(client, policy_file, monkeypatch):
+    unsigned = new_version(client, "credit", signed=False)
+    assert "does not allow it" in refusal(client.set_model_version_tag, "credit", unsigned.version,
+                                          "tabcons.break_glass.champion", "please")
+    policy_file.write_text(BREAK_GLASS_POLICY)
+    _as(monkeypatch, "cro-anna")
+    client.set_model_version_tag("credit", unsigned.version, "tabcons.break_glass.champion", "INC-9")
+    _as(monkeypatch, "engineer-ben")
+    message = refusal(client.set_registered_model_alias, "credit", "champion", unsigned.version)
+    assert "no tabcons.evidence tag" in message and "does not override missing" in message
 
 
 def test_policy_broken_later_fails_closed_then_recovers(client, policy_file):

@@ -7,9 +7,10 @@ import click
 from mlflow_tabcons.cli.audit import audit
 from mlflow_tabcons.cli.calibrate import calibrate
 from mlflow_tabcons.cli.evaluate import evaluate
-from mlflow_tabcons.cli.promote import promote
+from mlflow_tabcons.cli.promote import break_glass, promote
 from mlflow_tabcons.cli.server import server
 from mlflow_tabcons.cli.train import train
+from mlflow_tabcons.cli.verify import verify
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,5 +23,7 @@ cli.add_command(train)
 cli.add_command(evaluate)
 cli.add_command(calibrate)
 cli.add_command(promote)
+cli.add_command(break_glass)
 cli.add_command(server)
 cli.add_command(audit)
+cli.add_command(verify)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from mlflow_tabcons.cli.options import _blank_is_none, ensemble_options, training_config_from_options, user_errors
+from mlflow_tabcons.cli.options import blank_is_none, ensemble_options, training_config_from_options, user_errors
 from mlflow_tabcons.errors import TabconsInputError
 
 
@@ -26,7 +26,7 @@ def _numbers(kind: type, text: str, name: str) -> tuple:
 @click.option("--calibration-rows", type=int, default=60, show_default=True, help="Validation rows to calibrate on.")
 @click.option("--tolerance", type=float, default=0.05, show_default=True,
               help="The reported k is the smallest whose Spearman and certified fraction are this close to the largest k's.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=_blank_is_none, help="Write the calibration JSON here (for --calibration).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=blank_is_none, help="Write the calibration JSON here (for --calibration).")
 @user_errors
 def calibrate(sigmas: str, ks: str, sweep_k: int, calibration_rows: int, tolerance: float, out: str | None, **options: object) -> None:
     """Fine-tune a few seeds and run the sigma/k ablation of the consistency score on validation rows."""

@@ -7,7 +7,7 @@ import math
 import click
 
 from mlflow_tabcons.cli.options import (
-    _blank_is_none,
+    blank_is_none,
     calibration_option,
     ensemble_options,
     training_config_from_options,
@@ -19,7 +19,7 @@ from mlflow_tabcons.cli.options import (
 @ensemble_options
 @calibration_option
 @click.option("--dropout-passes", type=int, default=20, show_default=True, help="Stochastic passes of the MC-dropout baseline.")
-@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=_blank_is_none, help="Also write the result as JSON here.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, callback=blank_is_none, help="Also write the result as JSON here.")
 @user_errors
 def evaluate(dropout_passes: int, out: str | None, **options: object) -> None:
     """Fine-tune M members, score the reference, and compare S and the baselines with the ensemble's multiplicity."""

@@ -37,7 +37,7 @@ def _stack(*decorators: Callable) -> Callable:
     return apply
 
 
-def _blank_is_none(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+def blank_is_none(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
     """MLproject passes empty strings for unset optional parameters."""
     return None if value in ("", "none", "None") else value
 
@@ -45,9 +45,9 @@ def _blank_is_none(_ctx: click.Context, _param: click.Parameter, value: Any) -> 
 data_options = _stack(
     click.option("--data", default=_DEFAULT_CONFIG.data, show_default=True,
                  help="Built-in dataset (credit-g, diabetes), a CSV/Parquet path, or openml:NAME_OR_ID."),
-    click.option("--target", default=None, callback=_blank_is_none, help="Column to predict (built-ins know theirs)."),
-    click.option("--question", default=None, callback=_blank_is_none, help="Task question appended to every row."),
-    click.option("--dictionary", default=None, callback=_blank_is_none,
+    click.option("--target", default=None, callback=blank_is_none, help="Column to predict (built-ins know theirs)."),
+    click.option("--question", default=None, callback=blank_is_none, help="Task question appended to every row."),
+    click.option("--dictionary", default=None, callback=blank_is_none,
                  help="YAML data dictionary: column phrases and code-to-word maps."),
     click.option("--template", type=click.Choice(TEMPLATES), default=_DEFAULT_CONFIG.template, show_default=True,
                  help="Row serialization: 'text' (The age is 42.) or 'compact' (age: 42.)."),
@@ -111,12 +111,12 @@ scorer_options = _stack(
 )
 
 calibration_option = click.option(
-    "--calibration", default=None, callback=_blank_is_none,
+    "--calibration", default=None, callback=blank_is_none,
     help="JSON file written by `tabcons calibrate --out`, or its MLflow run id: sets --sigma, --sigma-mode and --k.",
 )
 
 register_option = click.option(
-    "--register", default=DEFAULT_REGISTER, show_default=True, callback=_blank_is_none,
+    "--register", default=DEFAULT_REGISTER, show_default=True, callback=blank_is_none,
     help="Registered model name for the reference member ({dataset}: the dataset's name); 'none' registers nothing.",
 )
 
@@ -126,7 +126,7 @@ serve_backend_option = click.option(
 )
 
 experiment_option = click.option(
-    "--experiment", default=None, callback=_blank_is_none,
+    "--experiment", default=None, callback=blank_is_none,
     help="MLflow experiment name (under `mlflow run` the run's own experiment is used).",
 )
 

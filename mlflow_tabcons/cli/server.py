@@ -44,8 +44,8 @@ def mlflow_server_command(backend_store_uri: str, host: str, port: int, workers:
 @user_errors
 def server(policy_path: str, backend_store_uri: str, host: str, port: int, workers: int | None, mlflow_args: tuple[str, ...]) -> None:
     """Start `mlflow server` whose registry refuses promotions that break the policy. Extra arguments go to mlflow server."""
-    from mlflow_tabcons.gate.evidence import KEY_ENV, KEY_FILE_ENV, evidence_key
     from mlflow_tabcons.gate import load_policy
+    from mlflow_tabcons.gate.keys import KEY_ENV, KEY_FILE_ENV, ROLES, TRAINER, signing_key
 
     policy = load_policy(policy_path)
     if not any(e.name == "tabcons+sqlite" for e in entry_points(group="mlflow.model_registry_store")):
@@ -54,9 +54,11 @@ def server(policy_path: str, backend_store_uri: str, host: str, port: int, worke
             "mlflow.model_registry_store); without it MLflow would start and answer registry calls with HTTP 400. "
             "Run `pip install -e .` in the project."
         )
-    if evidence_key() is None:
-        click.echo(f"warning: no evidence key ({KEY_ENV} / {KEY_FILE_ENV} / the per-user key file): "
-                   "every protected promotion will be refused as untrusted", err=True)
+    for role in ROLES:
+        if signing_key(role) is None:
+            refused = "trainer evidence" if role == TRAINER else "verifier evidence (`evidence: verified` targets)"
+            click.echo(f"warning: no {role} key ({KEY_ENV[role]} / {KEY_FILE_ENV[role]} / the per-user key file): "
+                       f"{refused} will be refused as untrusted", err=True)
     protected = sorted(policy.defaults) + [f"{m.pattern}: {sorted(m.rules)}" for m in policy.models]
     click.echo(f"tabcons gate: policy {policy_path} protects {', '.join(protected)}", err=True)
     os.environ["TABCONS_POLICY"] = str(Path(policy_path).resolve())

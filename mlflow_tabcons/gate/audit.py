@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import json
-import os
 import time
 from typing import Any
 
@@ -21,6 +20,7 @@ from sqlalchemy.orm import Session
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.gate.verdict import Verdict
 
+ARM_BREAK_GLASS = "arm_break_glass"
 _METADATA = sa.MetaData()
 AUDIT_TABLE = sa.Table(
     "tabcons_audit",
@@ -69,19 +69,29 @@ def ensure_tables(engine: sa.engine.Engine) -> None:
             raise
 
 
+UNAUTHENTICATED = "unauthenticated"
+
+
 def current_actor() -> str:
-    """The authenticated REST user when MLflow's auth app knows one, else the client-side user name."""
+    """Who is asking: a user MLflow's auth app authenticated, else "unauthenticated"; in-process, the OS user.
+
+    A Basic-auth header nobody checked names nobody, so it is never read here.
+    An in-process client (a ``tabcons+sqlite://`` store in the caller's own
+    Python) holds the database credentials itself; it is named by its OS user.
+    """
     try:
-        from flask import g, has_request_context, request
+        from flask import g, has_request_context
     except ImportError:  # flask ships with mlflow; this guards a stripped install
         has_request_context = lambda: False  # noqa: E731
     if has_request_context():
         user = getattr(g, "mlflow_authenticated_user", None)
-        if user is None and request.authorization is not None:
-            user = request.authorization.username
         user = getattr(user, "username", user)
-        return f"{user} via REST" if user else f"unauthenticated REST client {request.remote_addr}"
-    return os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+        return str(user) if user else UNAUTHENTICATED
+    return f"local:{getpass.getuser()}"
+
+
+def is_identified(actor: str) -> bool:
+    return actor != UNAUTHENTICATED
 
 
 def record(session: Session, *, action: str, model: str, version: str | None, target: str,
@@ -109,16 +119,30 @@ def record_verdict(session: Session, verdict: Verdict, action: str) -> None:
     )
 
 
-def last_allowed_version(session: Session, model: str, target: str, *, action: str) -> str | None:
-    """The version of the newest allowed ``action`` on ``target`` of ``model``, or None."""
-    query = (
-        sa.select(AUDIT_TABLE.c.version)
-        .where(AUDIT_TABLE.c.model == model, AUDIT_TABLE.c.target == target,
-               AUDIT_TABLE.c.action == action, AUDIT_TABLE.c.allowed.is_(True))
-        .order_by(AUDIT_TABLE.c.id.desc())
-        .limit(1)
-    )
-    return session.execute(query).scalar()
+def _newest(session: Session, *conditions: Any) -> AuditRecord | None:
+    query = sa.select(AUDIT_TABLE).where(*conditions).order_by(AUDIT_TABLE.c.id.desc()).limit(1)
+    row = session.execute(query).mappings().first()
+    return None if row is None else _record(row)
+
+
+def last_allowed(session: Session, model: str, target: str, actions: tuple[str, ...]) -> AuditRecord | None:
+    """The newest allowed promotion (one of ``actions``) onto ``target`` of ``model``: who held it last, with its evidence.
+
+    Model names compare case-insensitively, and rows outlive the versions and
+    models they name, so deleting either does not forget the last holder.
+    """
+    return _newest(session, sa.func.lower(AUDIT_TABLE.c.model) == model.lower(), AUDIT_TABLE.c.target == target,
+                   AUDIT_TABLE.c.action.in_(actions), AUDIT_TABLE.c.allowed.is_(True))
+
+
+def last_armed(session: Session, model: str, version: str, target: str) -> AuditRecord | None:
+    """The newest break-glass arming of one version for one target."""
+    return _newest(session, sa.func.lower(AUDIT_TABLE.c.model) == model.lower(), AUDIT_TABLE.c.version == str(version),
+                   AUDIT_TABLE.c.target == target, AUDIT_TABLE.c.action == ARM_BREAK_GLASS)
+
+
+def _record(row: Any) -> AuditRecord:
+    return AuditRecord(**{**row, "created_at": row["created_at"] / 1000, "detail": json.loads(row["detail"])})
 
 
 def read_audit(engine: sa.engine.Engine, model: str | None = None, limit: int | None = None) -> list[AuditRecord]:
@@ -130,10 +154,7 @@ def read_audit(engine: sa.engine.Engine, model: str | None = None, limit: int | 
         if not sa.inspect(connection).has_table(AUDIT_TABLE.name):
             return []
         rows = connection.execute(query).mappings().all()
-    records = [
-        AuditRecord(**{**row, "created_at": row["created_at"] / 1000, "detail": json.loads(row["detail"])})
-        for row in rows
-    ]
+    records = [_record(row) for row in rows]
     return records[-limit:] if limit else records
 
 

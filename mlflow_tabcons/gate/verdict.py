@@ -1,8 +1,9 @@
-"""Verdicts as pure functions: rule set + trusted evidence (+ the incumbent's) -> allowed or refused, with reasons.
+"""Verdicts as pure functions: rules + protocol + trusted evidence (+ the incumbent's) -> allowed or refused, with reasons.
 
 Nothing here touches a database, so every rule's arithmetic is tested alone.
-A verdict lists each rule with its value and threshold; evidence that cannot
-be trusted, or a policy that cannot be read, refuses with the reason.
+A verdict lists each rule with its value and threshold and each protocol
+breach with its value and the policy's limit; evidence that cannot be trusted,
+or a policy that cannot be read, refuses with the reason.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import dataclasses
 import time
 from typing import Any
 
-from mlflow_tabcons.gate.evidence import Evidence, churn
+from mlflow_tabcons.gate.evidence import Evidence
+from mlflow_tabcons.gate.protocol import DEFAULT_PROTOCOL, Protocol, breaches
 from mlflow_tabcons.gate.rules import RuleSet, Target
+from mlflow_tabcons.metrics.multiplicity import churn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +36,16 @@ class Check:
 
 @dataclasses.dataclass(frozen=True)
 class Incumbent:
-    """The version now holding the target, for max_churn; ``problem`` says why its evidence is not usable."""
+    """The version holding the target, for max_churn; ``problem`` says why its evidence is not usable.
+
+    ``live``: it holds the target now; otherwise it is the last allowed holder
+    from the audit trail (since removed, archived or deleted) and always compared.
+    """
 
     version: str
     evidence: Evidence | None
     problem: str | None = None
+    live: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,10 +58,12 @@ class Verdict:
     problems: tuple[str, ...] = ()
     break_glass: str | None = None
     decided_at: float = dataclasses.field(default_factory=time.time)
+    breaches: tuple[str, ...] = ()
+    evidence: Evidence | None = None
 
     @property
     def failures(self) -> list[str]:
-        return list(self.problems) + [c.describe() for c in self.checks if not c.passed]
+        return list(self.problems) + list(self.breaches) + [c.describe() for c in self.checks if not c.passed]
 
     def summary(self) -> str:
         state = "allowed" if self.allowed else "refused"
@@ -72,8 +82,10 @@ class Verdict:
             "allowed": self.allowed,
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "problems": list(self.problems),
+            "breaches": list(self.breaches),
             "break_glass": self.break_glass,
             "decided_at": self.decided_at,
+            "evidence": None if self.evidence is None else self.evidence.to_dict(),
         }
 
 
@@ -86,7 +98,7 @@ def _maximum(rule: str, value: float, threshold: float, detail: str = "") -> Che
 
 
 def churn_check(threshold: float, evidence: Evidence, version: str, incumbent: Incumbent | None) -> Check:
-    if incumbent is None or incumbent.version == version:
+    if incumbent is None or (incumbent.live and incumbent.version == version):
         return Check("max_churn", 0.0, threshold, True, "no other version holds it now")
     if incumbent.evidence is None:
         reason = incumbent.problem or "it has no evidence"
@@ -96,17 +108,22 @@ def churn_check(threshold: float, evidence: Evidence, version: str, incumbent: I
             "max_churn", None, threshold, False,
             f"version {incumbent.version} was evaluated on another evaluation set, so churn cannot be measured",
         )
-    return _maximum("max_churn", churn(incumbent.evidence, evidence), threshold, f"against version {incumbent.version}")
+    value = churn(incumbent.evidence.predicted_classes(), evidence.predicted_classes())
+    return _maximum("max_churn", value, threshold, f"against version {incumbent.version}")
 
 
-def check_rules(rules: RuleSet, evidence: Evidence, version: str, incumbent: Incumbent | None) -> tuple[Check, ...]:
+def check_rules(rules: RuleSet, evidence: Evidence, version: str, incumbent: Incumbent | None,
+                protocol: Protocol = DEFAULT_PROTOCOL) -> tuple[Check, ...]:
     checks = []
     if rules.min_certified_fraction is not None:
         rule = rules.min_certified_fraction
-        value = evidence.certified_fraction if rule.on == "point" else evidence.certified_fraction_lower
-        detail = "point estimate" if rule.on == "point" else f"lower end of its {1 - evidence.alpha:.0%} interval"
+        value = evidence.certified_fraction if rule.on == "point" else protocol.lower_end(evidence)
+        detail = "point estimate" if rule.on == "point" else f"lower end of the policy's {1 - protocol.interval_alpha:.0%} interval"
         checks.append(_minimum("min_certified_fraction", value, rule.threshold, detail))
-    if rules.max_arbitrariness is not None:
+    if rules.max_arbitrariness is not None and evidence.arbitrariness is None:
+        checks.append(Check("max_arbitrariness", None, rules.max_arbitrariness, False,
+                            f"not measured: the {evidence.role} scored one model, arbitrariness needs the ensemble"))
+    elif rules.max_arbitrariness is not None:
         checks.append(_maximum("max_arbitrariness", evidence.arbitrariness, rules.max_arbitrariness))
     if rules.min_accuracy is not None:
         checks.append(_minimum("min_accuracy", evidence.accuracy, rules.min_accuracy))
@@ -122,15 +139,26 @@ def decide(
     rules: RuleSet | None,
     evidence: Evidence | None,
     *,
+    protocol: Protocol = DEFAULT_PROTOCOL,
     problems: tuple[str, ...] = (),
     incumbent: Incumbent | None = None,
     break_glass: str | None = None,
+    break_glass_overrides_evidence: bool = False,
 ) -> Verdict:
     """The verdict on one promotion. ``problems`` (untrusted evidence, unreadable policy) refuse on their own.
 
-    A break-glass justification turns a refusal into an allowed, flagged verdict;
-    the caller decides whether the policy permits break-glass at all.
+    A break-glass justification turns a refusal on the rules into an allowed,
+    flagged verdict; missing or untrusted evidence and protocol breaches only
+    when ``break_glass_overrides_evidence``. The caller decides whether the
+    policy permits break-glass at all and who armed it.
     """
-    checks = check_rules(rules, evidence, version, incumbent) if rules is not None and evidence is not None else ()
-    passed = not problems and all(c.passed for c in checks)
-    return Verdict(model, str(version), target, passed or break_glass is not None, checks, problems, break_glass)
+    found = tuple(breaches(protocol, evidence)) if evidence is not None else ()
+    checks = check_rules(rules, evidence, version, incumbent, protocol) if rules is not None and evidence is not None else ()
+    passed = not problems and not found and all(c.passed for c in checks)
+    evidence_sound = evidence is not None and not problems and not found
+    glass_applies = break_glass is not None and (evidence_sound or break_glass_overrides_evidence)
+    if break_glass is not None and not glass_applies and not passed:
+        problems = problems + ("break-glass does not override missing, untrusted or off-protocol evidence "
+                               "(the policy's break_glass.overrides_evidence is false)",)
+    return Verdict(model, str(version), target, passed or glass_applies, checks, problems,
+                   break_glass if glass_applies else None, breaches=found, evidence=evidence)

@@ -145,6 +145,7 @@ class ConsistencyScores:
     certified: np.ndarray
     samples: np.ndarray
     settings: ScorerSettings
+    variance: np.ndarray | None = None  # per-row sample variance of Z (what a stated Bernstein variance bound must cover)
 
     def certified_fraction(self) -> tuple[float, float, float]:
         """Share of certified rows and its Clopper-Pearson interval at the scorer's alpha."""
@@ -354,4 +355,5 @@ class ConsistencyScorer:
             certified=lcb > settings.tau,
             samples=np.array([len(row.z) for row in rows]),
             settings=settings,
+            variance=np.array([np.var(row.z, ddof=1) if len(row.z) > 1 else 0.0 for row in rows]),
         )

@@ -3,20 +3,26 @@
 The reference member is logged in the parent run as the LoggedModel
 ``reference`` (its run id is the parent's), registered as a new version of
 ``--register NAME``, carries ``evidence.json`` inside the model, and gets the
-signed ``tabcons.evidence`` tag the promotion gate reads. The parent run is
+signed ``tabcons.evidence`` tag the promotion gate reads, bound to the sha256
+of the files stored for it. The parent run is
 tagged with the registered name and version.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict
+from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 
 from mlflow_tabcons.flavor import log_model, tabcons_signature
 from mlflow_tabcons.flavor.packaged import TabconsModel
-from mlflow_tabcons.gate.evidence import Evidence, attach_evidence, encode_predictions, eval_digest
+from mlflow_tabcons.gate.artifacts import content_digest
+from mlflow_tabcons.gate.binding import attach_evidence, storage_location
+from mlflow_tabcons.gate.evidence import Evidence, encode_predictions, eval_digest
+from mlflow_tabcons.gate.keys import TRAINER
 from mlflow_tabcons.members.classifier import ClassifierSpec
 from mlflow_tabcons.tracking.config import DEFAULT_REGISTER, TrainingConfig, registered_model_name
 from mlflow_tabcons.tracking.prepared import TrainingOutcome
@@ -49,34 +55,53 @@ def packaged_reference(outcome: TrainingOutcome, config: TrainingConfig) -> Tabc
     )
 
 
-def evidence_from_outcome(outcome: TrainingOutcome, config: TrainingConfig) -> Evidence:
-    """The facts the promotion gate reads, computed on the evaluation rows at training time."""
-    metrics, scorer = outcome.metrics, config.scorer
-    return Evidence(
-        run_id=outcome.parent_run_id,
-        certified_fraction=metrics["certified_fraction"],
-        certified_fraction_lower=metrics["certified_fraction_lower"],
-        certified_fraction_upper=metrics["certified_fraction_upper"],
-        n_eval=len(outcome.data.evaluation),
-        k=scorer.k,
-        sigma=scorer.sigma,
-        sigma_mode=scorer.sigma_mode,
-        alpha=scorer.alpha,
-        tau=scorer.tau,
-        bound=scorer.bound,
-        eval_digest=eval_digest(outcome.data.eval_frame),
-        accuracy=metrics[f"accuracy_seed_{outcome.members[0].seed}"],
-        arbitrariness=metrics["arbitrariness"],
-        predictions=encode_predictions(outcome.scores.predicted.tolist()),
-    )
+def members_learned(outcome: TrainingOutcome) -> bool:
+    """Whether every member beat the majority rate on the evaluation rows (else their disagreement is noise, not multiplicity)."""
+    return int(outcome.metrics.get("members_beating_majority", 0)) == len(outcome.members)
+
+
+def measured_evidence(outcome: TrainingOutcome, config: TrainingConfig) -> dict[str, Any]:
+    """The facts the promotion gate reads, computed on the evaluation rows at training time, and how they were measured.
+
+    Everything but the model's content digest, which exists only once the model is stored.
+    """
+    metrics, scorer, scores = outcome.metrics, config.scorer, outcome.scores
+    return {
+        "run_id": outcome.parent_run_id,
+        "role": TRAINER,
+        "certified_fraction": metrics["certified_fraction"],
+        "certified_fraction_lower": metrics["certified_fraction_lower"],
+        "certified_fraction_upper": metrics["certified_fraction_upper"],
+        "n_eval": len(outcome.data.evaluation),
+        "k": scorer.k,
+        "sigma": scorer.sigma,
+        "sigma_mode": scorer.sigma_mode,
+        "alpha": scorer.alpha,
+        "tau": scorer.tau,
+        "bound": scorer.bound,
+        "variance_bound": scorer.variance_bound,
+        "max_row_variance": float(scores.variance.max()) if scores.variance is not None else 1.0,
+        "noise": scorer.noise,
+        "early_stop": bool(scorer.early_stop),
+        "score_seed": scorer.seed,
+        "precision": scorer.precision,
+        "members": len(outcome.members),
+        "members_learned": members_learned(outcome),
+        "eval_digest": eval_digest(outcome.data.eval_frame),
+        "accuracy": metrics[f"accuracy_seed_{outcome.members[0].seed}"],
+        "arbitrariness": metrics["arbitrariness"],
+        "predictions": encode_predictions(outcome.scores.predicted.tolist()),
+        "training": {k: str(v) for k, v in config.params().items() if not k.startswith("scorer.")},
+        "created_at": time.time(),
+    }
 
 
 def register_reference(outcome: TrainingOutcome, config: TrainingConfig) -> ModelVersion:
     """Log the reference member in the active (parent) run, register it, attach its signed evidence."""
     name = registered_model_name(config.register or DEFAULT_REGISTER, outcome.data.dataset.name)
     model = packaged_reference(outcome, config)
-    evidence = evidence_from_outcome(outcome, config)
-    model.evidence = evidence.to_dict()
+    measured = measured_evidence(outcome, config)
+    model.evidence = measured
     dataset = outcome.data.dataset
     info = log_model(
         model,
@@ -88,6 +113,7 @@ def register_reference(outcome: TrainingOutcome, config: TrainingConfig) -> Mode
     )
     client = mlflow.MlflowClient()
     version = client.get_model_version(name, str(info.registered_model_version))
-    attach_evidence(client, name, version.version, evidence)
+    digest = content_digest(storage_location(client, name, version.version))
+    attach_evidence(client, name, version.version, Evidence(**measured, model_sha256=digest))
     mlflow.set_tags({"tabcons.registered_model": name, "tabcons.registered_version": str(version.version)})
     return version

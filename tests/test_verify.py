@@ -1,0 +1,68 @@
+"""End to end: train a tiny ensemble, `tabcons verify` it on a holdout CSV, promote through the gated registry."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from gate_support import KEY, VERIFIER_KEY
+
+from mlflow_tabcons.cli import cli
+from mlflow_tabcons.data.tables import load_dataset
+from mlflow_tabcons.gate.evidence import VERIFIED_EVIDENCE_TAG, verify_evidence
+
+# A tiny random checkpoint cannot beat the majority rate: this policy waives that one protocol item, nothing else.
+POLICY = """\
+version: 1
+aliases:
+  champion:
+    min_accuracy: 0.1
+    protocol: {evidence: verified, members_learned: false}
+"""
+
+
+def test_the_gate_never_imports_torch():
+    code = "import sys, mlflow_tabcons.gate.store, mlflow_tabcons.gate.decisions; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_train_verify_promote(tracking_uri, tiny_model_dir, monkeypatch, tmp_path):
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    monkeypatch.setenv("TABCONS_POLICY", str(tmp_path / "policy.yaml"))
+    monkeypatch.setenv("TABCONS_EVIDENCE_KEY", KEY.decode())
+    monkeypatch.setenv("TABCONS_VERIFIER_KEY", VERIFIER_KEY.decode())
+    registry = "tabcons+" + tracking_uri
+    mlflow.set_registry_uri(registry)
+    runner = CliRunner()
+    train = ["train", "--data", "diabetes", "--model", tiny_model_dir, "--shots", "24", "--epochs", "1", "--eval-rows", "12",
+             "--k", "16", "--batch-size", "8", "--seeds", "2", "--register", "pima"]
+    result = runner.invoke(cli, train)
+    assert result.exit_code == 0, result.output
+
+    promote = ["promote", "pima", "1", "champion", "--registry-uri", registry]
+    refused = runner.invoke(cli, promote)
+    assert refused.exit_code != 0 and "no tabcons.evidence.verified tag" in refused.output
+
+    dataset = load_dataset("diabetes")
+    dataset.frame.tail(60).to_csv(tmp_path / "holdout.csv", index=False)
+    verified = runner.invoke(cli, ["verify", "pima", "1", "--data", str(tmp_path / "holdout.csv"), "--registry-uri", registry])
+    assert verified.exit_code == 0, verified.output
+    assert "verified on 60 holdout rows" in verified.output and "signed as the verifier" in verified.output
+    client = mlflow.MlflowClient(registry_uri=registry)
+    evidence = verify_evidence(client.get_model_version("pima", "1").tags[VERIFIED_EVIDENCE_TAG], VERIFIER_KEY, "verifier")
+    assert (evidence.k, evidence.tau, evidence.alpha, evidence.n_eval) == (64, 0.5, 0.05, 60)  # tightened to the protocol
+
+    allowed = runner.invoke(cli, promote)
+    assert allowed.exit_code == 0 and "allowed" in allowed.output, allowed.output
+
+    weights = next(Path(client.get_model_version_download_uri("pima", "1").removeprefix("file://")).rglob("*.safetensors"))
+    with open(weights, "ab") as handle:
+        handle.write(b"\0")
+    client.delete_registered_model_alias("pima", "champion")
+    tampered = runner.invoke(cli, promote)
+    assert tampered.exit_code != 0 and "files changed after the evidence was signed" in tampered.output
