@@ -172,7 +172,7 @@ def test_main_registers_the_reference_member_with_signed_evidence_and_the_chosen
     assert evidence.certified_fraction == pytest.approx(parent.data.metrics["certified_fraction"])
 
     assert evidence.members == 2 and evidence.tau == 0.5 and evidence.variance_bound == 1.0 and evidence.training["shots"] == "24"
-    assert evidence.members_learned == (parent.data.metrics["members_beating_majority"] == 2)
+    assert evidence.members_learned == (parent.data.metrics["members_learned"] == 1.0)
 
     model = flavor.load_model("models:/pima-diabetes/1", dst_path=str(tmp_path))
     # bound to the files stored for this version, at the location the registry resolved when it was created

@@ -292,27 +292,27 @@ def break_glass_armed_by_the_promoter(arena: Arena) -> None:
     arena.client.set_registered_model_alias(MODEL, "champion", weak.version)
 
 
-def break_glass_armed_for_another_target(arena: Arena) -> None:
-    arena.allow_break_glass()
-    weak = _weak(arena)
+def _armed_by_an_approver(arena: Arena, version: str, suffix: str) -> None:
+    """Arm break-glass as another OS user (an in-process client is named by its OS user)."""
     real = getpass.getuser
     getpass.getuser = lambda: "approver-anna"
     try:
-        arena.client.set_model_version_tag(MODEL, weak.version, f"{BREAK_GLASS_TAG}.stage.Staging", "for staging only")
+        arena.client.set_model_version_tag(MODEL, version, f"{BREAK_GLASS_TAG}.{suffix}", "INC-1: approved")
     finally:
         getpass.getuser = real
+
+
+def break_glass_armed_for_another_target(arena: Arena) -> None:
+    arena.allow_break_glass()
+    weak = _weak(arena)
+    _armed_by_an_approver(arena, weak.version, "stage.Staging")
     arena.client.set_registered_model_alias(MODEL, "champion", weak.version)
 
 
 def break_glass_over_untrusted_evidence(arena: Arena) -> None:
     arena.allow_break_glass()
     unsigned = arena.aim(new_version(arena.client, MODEL, signed=False))
-    real = getpass.getuser
-    getpass.getuser = lambda: "approver-anna"
-    try:
-        arena.client.set_model_version_tag(MODEL, unsigned.version, f"{BREAK_GLASS_TAG}.champion", "INC-1")
-    finally:
-        getpass.getuser = real
+    _armed_by_an_approver(arena, unsigned.version, "champion")
     arena.client.set_registered_model_alias(MODEL, "champion", unsigned.version)
 
 

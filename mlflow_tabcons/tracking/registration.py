@@ -55,11 +55,6 @@ def packaged_reference(outcome: TrainingOutcome, config: TrainingConfig) -> Tabc
     )
 
 
-def members_learned(outcome: TrainingOutcome) -> bool:
-    """Whether every member beat the majority rate on the evaluation rows (else their disagreement is noise, not multiplicity)."""
-    return int(outcome.metrics.get("members_beating_majority", 0)) == len(outcome.members)
-
-
 def measured_evidence(outcome: TrainingOutcome, config: TrainingConfig) -> dict[str, Any]:
     """The facts the promotion gate reads, computed on the evaluation rows at training time, and how they were measured.
 
@@ -86,7 +81,7 @@ def measured_evidence(outcome: TrainingOutcome, config: TrainingConfig) -> dict[
         "score_seed": scorer.seed,
         "precision": scorer.precision,
         "members": len(outcome.members),
-        "members_learned": members_learned(outcome),
+        "members_learned": bool(outcome.members_learned),
         "eval_digest": eval_digest(outcome.data.eval_frame),
         "accuracy": metrics[f"accuracy_seed_{outcome.members[0].seed}"],
         "arbitrariness": metrics["arbitrariness"],
