@@ -79,6 +79,19 @@ def tracking_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     del experiment
 
 
+def register_in_sqlite(root: Path, name: str, tabcons_model, input_example) -> str:
+    """A SQLite tracking + registry store under ``root`` holding the model as ``name`` version 1; returns its URI."""
+    from mlflow_tabcons import flavor
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    experiment = mlflow.create_experiment(name, artifact_location=str(root / "artifacts"))
+    with mlflow.start_run(experiment_id=experiment):
+        flavor.log_model(tabcons_model, "model", input_example=input_example, registered_model_name=name)
+    return uri
+
+
 def forget_mlflow_uris() -> None:
     """Undo set_tracking_uri / set_registry_uri / set_experiment, with the variables they export.
 

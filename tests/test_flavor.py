@@ -45,7 +45,9 @@ def test_mlmodel_has_its_own_flavor_and_python_function(saved, tabcons_model):
     for packed in ("classifier/encoder", "classifier/head.safetensors", "tokenizer", "tabcons.json"):
         assert (saved / "data" / packed).exists(), packed
     requirements = (saved / "requirements.txt").read_text()
-    assert "mlflow-tabcons==" in requirements and "torch==" in requirements
+    assert "torch==" in requirements and "mlflow-tabcons" not in requirements and "+" not in requirements
+    assert (saved / "code" / "mlflow_tabcons" / "flavor" / "__init__.py").is_file()  # the package travels inside the model
+    assert mlmodel["flavors"]["python_function"]["code"] == "code"
 
 
 def test_signature_declares_the_columns_the_answer_and_the_params(pyfunc_model, diabetes_features):

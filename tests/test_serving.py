@@ -7,9 +7,8 @@ import sys
 import mlflow
 import numpy as np
 import pytest
-from conftest import forget_mlflow_uris, pick_free_port, require_service, running_server
+from conftest import forget_mlflow_uris, pick_free_port, register_in_sqlite, require_service, running_server
 
-from mlflow_tabcons import flavor
 
 requests = pytest.importorskip("requests")
 
@@ -28,14 +27,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tabcons_model, diabetes_features):
     """A SQLite registry holding the model as NAME with alias @live."""
-    root = tmp_path_factory.mktemp("serving")
-    uri = f"sqlite:///{root / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    experiment = mlflow.create_experiment("serving", artifact_location=str(root / "artifacts"))
-    with mlflow.start_run(experiment_id=experiment):
-        info = flavor.log_model(tabcons_model, "model", input_example=diabetes_features.head(2), registered_model_name=NAME)
-    mlflow.MlflowClient().set_registered_model_alias(NAME, ALIAS, info.registered_model_version)
+    uri = register_in_sqlite(tmp_path_factory.mktemp("serving"), NAME, tabcons_model, diabetes_features.head(2))
+    mlflow.MlflowClient().set_registered_model_alias(NAME, ALIAS, 1)
     yield uri
     forget_mlflow_uris()
 

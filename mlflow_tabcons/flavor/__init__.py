@@ -20,28 +20,19 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import yaml
 from mlflow import pyfunc
 from mlflow.models import Model, ModelInputExample, ModelSignature, infer_signature
 from mlflow.models.model import MLMODEL_FILE_NAME, ModelInfo
 from mlflow.models.utils import _save_example
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-from mlflow.utils.environment import (
-    _CONDA_ENV_FILE_NAME,
-    _CONSTRAINTS_FILE_NAME,
-    _PYTHON_ENV_FILE_NAME,
-    _REQUIREMENTS_FILE_NAME,
-    _process_conda_env,
-    _process_pip_requirements,
-    _PythonEnv,
-)
-from mlflow.utils.file_utils import get_total_file_size, write_to
+from mlflow.utils.environment import _CONDA_ENV_FILE_NAME, _PYTHON_ENV_FILE_NAME
+from mlflow.utils.file_utils import get_total_file_size
 from mlflow.utils.model_utils import _get_flavor_configuration, _validate_and_prepare_target_save_path
-from mlflow.utils.requirements_utils import _get_pinned_requirement
 
 import mlflow_tabcons
 from mlflow_tabcons.errors import TabconsInputError, check_choice
+from mlflow_tabcons.flavor.environment import copy_code, get_default_pip_requirements, write_environment
 from mlflow_tabcons.flavor.packaged import BACKENDS, PREDICT_PARAMS, TabconsModel
 
 FLAVOR_NAME = "tabcons"
@@ -56,14 +47,6 @@ __all__ = [
     "save_model",
     "tabcons_signature",
 ]
-
-
-def get_default_pip_requirements(backend: str = "torch") -> list[str]:
-    """What loading the model needs: this package, MLflow, PyTorch, transformers (+ ONNX Runtime)."""
-    packages = ["mlflow-tabcons", "mlflow", "torch", "transformers", "safetensors"]
-    if backend == "onnx":
-        packages.append("onnxruntime")
-    return [_get_pinned_requirement(package) for package in packages]
 
 
 def _label_type(labels: list[Any]) -> str:
@@ -129,6 +112,7 @@ def save_model(
     conda_env: Any = None,
     pip_requirements: Any = None,
     extra_pip_requirements: Any = None,
+    code_paths: list[str] | None = None,
     metadata: dict[str, Any] | None = None,
 ) -> None:
     """Write the model as an MLflow model directory (``tabcons`` + ``python_function`` flavors).
@@ -137,13 +121,19 @@ def save_model(
     ``torch``, or ``onnx`` (an exported graph run by ONNX Runtime, on CUDA
     where onnxruntime-gpu and a GPU are present). Without ``signature``, one is
     built from ``input_example``'s column types (``tabcons_signature``).
+    The model carries this package's code (``code/``, plus any ``code_paths``)
+    and requirements that name public packages only, so MLflow's environment
+    managers can rebuild its environment (see ``mlflow_tabcons.flavor.environment``).
     """
     check_choice("backend", backend, BACKENDS)
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
     try:
-        _write_model_directory(tabcons_model, path, backend, mlflow_model or Model(), signature, input_example, metadata)
-        _write_environment(path, backend, conda_env, pip_requirements, extra_pip_requirements)
+        code = copy_code(path, code_paths)
+        _write_model_directory(
+            tabcons_model, path, backend, mlflow_model or Model(), signature, input_example, metadata, code
+        )
+        write_environment(path, backend, conda_env, pip_requirements, extra_pip_requirements)
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)  # nothing half-written: a failed save leaves no model behind
         raise
@@ -157,6 +147,7 @@ def _write_model_directory(
     signature: ModelSignature | None,
     input_example: ModelInputExample | None,
     metadata: dict[str, Any] | None,
+    code: str,
 ) -> None:
     _save_example(mlflow_model, input_example, path)
     if signature is None:
@@ -169,12 +160,14 @@ def _write_model_directory(
         mlflow_model,
         loader_module="mlflow_tabcons.flavor",
         data=DATA_DIR,
+        code=code,
         conda_env=_CONDA_ENV_FILE_NAME,
         python_env=_PYTHON_ENV_FILE_NAME,
     )
     mlflow_model.add_flavor(
         FLAVOR_NAME,
         data=DATA_DIR,
+        code=code,
         backend=backend,
         mlflow_tabcons_version=mlflow_tabcons.__version__,
         labels=[_plain(label) for label in tabcons_model.labels],
@@ -183,20 +176,6 @@ def _write_model_directory(
     if size := get_total_file_size(path):
         mlflow_model.model_size_bytes = size
     mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
-
-
-def _write_environment(path: str, backend: str, conda_env: Any, pip_requirements: Any, extra: Any) -> None:
-    if conda_env is None:
-        default = get_default_pip_requirements(backend) if pip_requirements is None else None
-        conda_env, pip_requirements, constraints = _process_pip_requirements(default, pip_requirements, extra)
-    else:
-        conda_env, pip_requirements, constraints = _process_conda_env(conda_env)
-    with open(os.path.join(path, _CONDA_ENV_FILE_NAME), "w") as handle:
-        yaml.safe_dump(conda_env, stream=handle, default_flow_style=False)
-    if constraints:
-        write_to(os.path.join(path, _CONSTRAINTS_FILE_NAME), "\n".join(constraints))
-    write_to(os.path.join(path, _REQUIREMENTS_FILE_NAME), "\n".join(pip_requirements))
-    _PythonEnv.current().to_yaml(os.path.join(path, _PYTHON_ENV_FILE_NAME))
 
 
 def log_model(
