@@ -1,17 +1,22 @@
-"""The paper's table, reproduced: does S predict fine-tuning multiplicity better than the baselines?
+"""The paper's table, measured fairly: does S carry a signal about fine-tuning multiplicity that confidence does not?
 
-For each dataset: calibrate sigma on validation rows against a small seed
-ensemble (`tabcons calibrate`), then for each shot count fine-tune M members,
-score the reference member on the evaluation rows and compare S, the
-confidence and MC-dropout with the ensemble's real multiplicity
-(`tabcons evaluate`). Results are written after every configuration, so a
-run that is cut off still leaves what it finished:
+For each dataset and shot count: fine-tune M members once, then
 
-    benchmarks/results/paper_table.json   every number, the settings, the machine, the wall time
-    benchmarks/results/paper_table.md     the table the README shows
-    benchmarks/results/paper_table_<dataset>_<shots>.png, paper_table_calibration_<dataset>.png
+1. calibrate on held-out rows (validation split, topped up with unused training
+   rows) with the same members: every candidate neighbourhood (site x noise x
+   sigma at the evaluation's k) is judged by the stated objective
+   (``mlflow_tabcons.evaluation.objective``);
+2. score the reference member on the evaluation rows at every candidate and
+   compare S, confidence and MC-dropout with the other M-1 members' multiplicity
+   (bootstrap intervals, paired differences, the certificate against matched
+   baselines). The calibrated candidate is marked; every candidate is a row.
 
-    python benchmarks/paper_table.py --datasets credit-g,diabetes --shots 64,128 --seeds 10
+Results are written after every configuration, so a run cut short still leaves what it finished:
+
+    benchmarks/results/<name>.json, <name>.md    every number, the settings, the machine, the wall time
+    benchmarks/results/<name>_<dataset>_<shots>_{sites,calibration,measures}.png
+
+    python benchmarks/paper_table.py --datasets diabetes --shots 128 --seeds 10 --eval-rows 200
 """
 
 from __future__ import annotations
@@ -19,125 +24,201 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, Clock, machine, write_result  # noqa: E402
 
-from mlflow_tabcons.tracking.calibration import CalibrationGrid, ablation_table, run_calibration  # noqa: E402
-from mlflow_tabcons.scoring.consistency import ScorerSettings  # noqa: E402
+from mlflow_tabcons.data.tables import load_dataset, split_dataset  # noqa: E402
 from mlflow_tabcons.evaluation.measures import json_ready, markdown_table  # noqa: E402
-from mlflow_tabcons.tracking.evaluation_job import run_evaluation  # noqa: E402
-from mlflow_tabcons.members.training import TrainSettings  # noqa: E402
+from mlflow_tabcons.evaluation.objective import Objective, goal_checks  # noqa: E402
 from mlflow_tabcons.members.classifier import LoraSettings  # noqa: E402
+from mlflow_tabcons.members.training import TrainSettings  # noqa: E402
+from mlflow_tabcons.scoring.consistency import ScorerSettings  # noqa: E402
+from mlflow_tabcons.tracking.calibration import (  # noqa: E402
+    CalibrationGrid,
+    ablation_figure,
+    ablation_table,
+    choose_neighbourhood,
+    held_out_rows,
+    sweep_neighbourhoods,
+)
 from mlflow_tabcons.tracking.config import TrainingConfig  # noqa: E402
+from mlflow_tabcons.tracking.evaluation_job import (  # noqa: E402
+    MEASURE_LABELS,
+    evaluate_scores,
+    measures_figure,
+    reference_dropout,
+    rescore,
+)
+from mlflow_tabcons.tracking.training_job import run_training  # noqa: E402
+
+NEIGHBOURHOOD = ("perturb", "noise", "sigma")
 
 
 def _list(kind: type, text: str) -> list:
-    return [kind(part) for part in text.split(",") if part.strip()]
+    return [kind(part.strip()) for part in text.split(",") if part.strip()]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="credit-g,diabetes")
-    parser.add_argument("--shots", default="64,128", help="comma-separated shot counts")
-    parser.add_argument("--shots-for", action="append", default=[], metavar="DATASET=LIST",
-                        help="other shot counts for one dataset, e.g. credit-g=32,64 (repeatable)")
+    parser.add_argument("--shots", default="128,256", help="comma-separated shot counts")
     parser.add_argument("--seeds", type=int, default=10, help="members M per configuration")
     parser.add_argument("--epochs", type=int, default=TrainSettings().epochs)
     parser.add_argument("--lora-layers", type=int, default=LoraSettings().layers, help="LoRA on the top N layers")
-    parser.add_argument("--batch-size", type=int, default=TrainSettings().batch_size)
-    parser.add_argument("--lr", type=float, default=TrainSettings().learning_rate, help="learning rate of the adapters")
-    parser.add_argument("--head-lr", type=float, default=TrainSettings().head_learning_rate)
-    parser.add_argument("--eval-rows", type=int, default=60)
-    parser.add_argument("--k", type=int, default=64)
-    parser.add_argument("--sigma", type=float, default=None, help="a stated relative sigma instead of calibrating")
-    parser.add_argument("--sigmas", default="0.25,0.5,1,2", help="sigmas the calibration tries")
-    parser.add_argument("--calibration-dataset", default=None,
-                        help="calibrate once on this dataset and use its (relative) sigma everywhere; default: each its own")
-    parser.add_argument("--calibration-seeds", type=int, default=3)
-    parser.add_argument("--calibration-rows", type=int, default=40)
-    parser.add_argument("--calibration-k", type=int, default=32, help="neighbours per row while sweeping sigma")
+    parser.add_argument("--train-precision", default="bfloat16")
+    parser.add_argument("--scorer-precision", default="bfloat16")
+    parser.add_argument("--eval-rows", type=int, default=200, help="test rows (all of them where the split has fewer)")
+    parser.add_argument("--k", type=int, default=128)
+    parser.add_argument("--sites", default="embeddings,values,hidden,pooled")
+    parser.add_argument("--sigmas", default="0.25,0.5,1")
+    parser.add_argument("--extra", default="hidden:gaussian:0.5,pooled:gaussian:0.5",
+                        help="more candidates as site:noise:sigma, comma-separated")
+    parser.add_argument("--calibration-rows", type=int, default=100)
+    parser.add_argument("--min-certified", type=float, default=Objective().min_certified)
     parser.add_argument("--dropout-passes", type=int, default=16)
+    parser.add_argument("--resamples", type=int, default=2000)
     parser.add_argument("--model", default="minilm")
+    parser.add_argument("--name", default="paper_table", help="file name stem of the results")
     parser.add_argument("--tracking-uri", default=None, help="default: a fresh SQLite store in a temporary folder")
     parser.add_argument("--out-dir", default=str(RESULTS))
     parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
-                        help="only merge the paper_table.json files of runs made side by side into --out-dir")
+                        help="only merge the JSON files of runs made side by side into --out-dir/--name")
     return parser.parse_args(argv)
 
 
-def _config(args: argparse.Namespace, dataset: str, shots: int, seeds: int, sigma: float, k: int) -> TrainingConfig:
+def candidates(args: argparse.Namespace) -> list[dict[str, Any]]:
+    grid = CalibrationGrid(sites=tuple(_list(str, args.sites)), sigmas=tuple(_list(float, args.sigmas)), rows=args.calibration_rows)
+    extra = []
+    for item in _list(str, args.extra):
+        site, noise, sigma = item.split(":")
+        extra.append({"perturb": site, "noise": noise, "sigma": float(sigma)})
+    return grid.candidates() + extra
+
+
+def _eval_rows(dataset: str, wanted: int) -> int:
+    test = len(split_dataset(load_dataset(dataset), seed=0).test)
+    return min(wanted, test)
+
+
+def _config(args: argparse.Namespace, dataset: str, shots: int, first: dict[str, Any]) -> TrainingConfig:
     return TrainingConfig(
-        data=dataset, shots=shots, seeds=seeds, eval_rows=args.eval_rows, model=args.model, experiment="tabcons-paper-table",
-        register=None,
-        train=TrainSettings(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                            head_learning_rate=args.head_lr, lora=LoraSettings(layers=args.lora_layers)),
-        scorer=ScorerSettings(k=k, sigma=sigma),
+        data=dataset, shots=shots, seeds=args.seeds, eval_rows=_eval_rows(dataset, args.eval_rows), model=args.model,
+        experiment="tabcons-paper-table", register=None,
+        train=TrainSettings(epochs=args.epochs, precision=args.train_precision, lora=LoraSettings(layers=args.lora_layers)),
+        scorer=ScorerSettings(k=args.k, precision=args.scorer_precision, **first),
     )
 
 
-def _copy_artifact(run_id: str, artifact: str, target: Path) -> None:
-    local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact)
-    shutil.copyfile(local, target)
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return all(a[key] == b[key] for key in NEIGHBOURHOOD)
 
 
-def _write(out_dir: Path, payload: dict[str, Any]) -> None:
-    write_result(json_ready(payload), out_dir / "paper_table.json")
-    settings = payload["settings"]
+def goal_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Per row: which parts of the goal it meets."""
+    lines = ["| dataset | shots | site | noise | sigma | calibrated | " + " | ".join(goal_checks(rows[0])) + " |",
+             "|" + "---|" * (6 + len(goal_checks(rows[0])))]
+    for row in rows:
+        checks = goal_checks(row)
+        lines.append(f"| {row['dataset']} | {row['shots']} | {row['perturb']} | {row['noise']} | {row['sigma']:g} | "
+                     f"{'yes' if row.get('calibrated') else ''} | " + " | ".join("yes" if ok else "no" for ok in checks.values()) + " |")
+    return lines
+
+
+def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:
+    write_result(json_ready(payload), out_dir / f"{name}.json")
+    rows, settings = payload["rows"], payload["settings"]
+    if not rows:
+        return
     lines = [
-        markdown_table(payload["rows"]),
-        f"M = {settings['seeds']} members per row (seed 0 is the reference), {settings['epochs']} epochs of batch "
-        f"{settings['batch_size']}, learning rates {settings['lr']:g} (LoRA) / {settings['head_lr']:g} (head), LoRA on the top "
-        f"{settings['lora_layers']} layer(s) of MiniLM-L6, balanced class weights with the training rows' class prior folded "
-        f"back into the head (class_prior=data), {settings['eval_rows']} stratified test rows, k = {settings['k']}, "
-        f"alpha = 0.05 (empirical Bernstein), MC-dropout with {settings['dropout_passes']} passes. acc, bal. acc, AUROC: "
-        "the members' mean accuracy, balanced accuracy and AUROC on the test rows; majority: the majority-class rate; "
-        "arbitr.: share of rows on which some members disagree. rho(PR): Spearman "
-        "correlation with the members' prediction range (negative is good); AUROC: for \"all members agree with the "
-        "reference\" (above 0.5 is good); cert. agreement: mean share of the other members agreeing with the reference "
-        "on certified rows.",
+        markdown_table(rows),
+        f"M = {settings['seeds']} members per configuration (seed 0 is the reference; the truth comes from the other "
+        f"{settings['seeds'] - 1}), {settings['epochs']} epochs, LoRA on the top {settings['lora_layers']} layer(s) of "
+        f"MiniLM-L6, training in {settings['train_precision']}, neighbour passes in {settings['scorer_precision']}; "
+        f"k = {settings['k']}, alpha = 0.05 (empirical Bernstein), tau = 0.5; sigma relative to the norm of what is "
+        f"perturbed; MC-dropout with {settings['dropout_passes']} passes. Intervals: 95% bootstrap over rows "
+        f"({settings['resamples']} resamples), paired for differences; certified fraction: Clopper-Pearson.",
+        "Goal per row:\n\n" + "\n".join(goal_summary(rows)),
     ]
-    for dataset, calibration in payload["calibrations"].items():
-        used_for = settings["datasets"] if settings["calibration_dataset"] == dataset else dataset
-        lines.append(
-            f"sigma = {calibration['sigma']:g} (relative to ||E(x)||_F) for {used_for}: calibrated on {calibration['n_rows']} "
-            f"{dataset} validation rows against {calibration['seeds']} seeds at {calibration['shots']} shots "
-            f"(ablation in paper_table_calibration_{dataset}.md; the k it reports there: {calibration['k']})."
-        )
-    if settings["sigma"] is not None:
-        lines.append(f"sigma = {settings['sigma']:g} (relative to ||E(x)||_F), stated, not calibrated.")
-    split = f", the sum of {len(payload['parts'])} processes run side by side" if len(payload.get("parts", [])) > 1 else ""
+    for key, calibration in payload["calibrations"].items():
+        lines.append(f"Calibration for {key} on {calibration['n_rows']} held-out rows ({calibration['seconds_score']:.0f} s of "
+                     f"scoring): chose {calibration['perturb']}, {calibration['noise']}, sigma {calibration['sigma']:g}; "
+                     f"{calibration['chosen_by']}.\n\n" + ablation_table(calibration["candidates"], calibration))
     loads = payload.get("load_averages") or [float("nan")]
-    threads = payload["machine"]["torch_threads"]
-    lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min{split}, on {payload['machine']['cores']} CPU cores "
-                 f"({payload['machine']['cpu']}), {threads} torch thread(s) per process; 1-minute load average "
-                 f"{min(loads):.1f}-{max(loads):.1f} at the end of each configuration (above {payload['machine']['cores']}: "
-                 "other jobs shared the cores).")
-    (out_dir / "paper_table.md").write_text("\n\n".join(lines) + "\n")
+    lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min on {payload['machine']['cores']} CPU cores "
+                 f"({payload['machine']['cpu']}), {payload['machine']['torch_threads']} torch thread(s); 1-minute load average "
+                 f"{min(loads):.1f}-{max(loads):.1f} after each configuration (above {payload['machine']['cores']}: other jobs shared the cores).")
+    (out_dir / f"{name}.md").write_text("\n\n".join(lines) + "\n")
 
 
-def combine(paths: list[Path], out_dir: Path) -> dict[str, Any]:
-    """One table from runs made side by side; their wall times add up (each ran on the same shared cores)."""
+def combine(paths: list[Path], out_dir: Path, name: str) -> dict[str, Any]:
+    """One table from runs made side by side."""
     parts = [json.loads(path.read_text()) for path in paths]
-    payload = {**parts[0], "rows": [], "calibrations": {}, "seconds_total": 0.0, "cpu_seconds_total": 0.0,
+    payload = {**parts[0], "rows": [], "calibrations": {}, "seconds_total": 0.0,
                "load_averages": [load for part in parts for load in part.get("load_averages", [])],
                "parts": [part["settings"] for part in parts]}
     for part in parts:
         payload["rows"] += part["rows"]
         payload["calibrations"].update(part["calibrations"])
         payload["seconds_total"] += part["seconds_total"]
-        payload["cpu_seconds_total"] += part.get("cpu_seconds_total", 0.0)
     payload["rows"].sort(key=lambda row: (row["dataset"], row["shots"]))
-    _write(out_dir, payload)
+    _write(out_dir, name, payload)
     return payload
+
+
+def run_configuration(args: argparse.Namespace, dataset: str, shots: int, grid: list[dict[str, Any]], out_dir: Path,
+                      payload: dict[str, Any]) -> None:
+    """Train once; calibrate on held-out rows; evaluate every candidate on the test rows."""
+    config = _config(args, dataset, shots, grid[0])
+    outcome = run_training(config)
+    trainer, data = outcome.trainer, outcome.data
+    key = f"{dataset}_{shots}"
+    # 1. calibration on held-out rows, with the same members
+    rows = held_out_rows(config, data, args.calibration_rows)
+    prefix = trainer.prefix_for(rows)
+    started = time.perf_counter()
+    held_out = np.stack([trainer.predict_proba(member.classifier, rows, prefix) for member in outcome.members])
+    swept = sweep_neighbourhoods(outcome.members[0], config.train, config.scorer, rows, held_out, grid,
+                                 device=trainer.device, resamples=args.resamples)
+    chosen = choose_neighbourhood(swept, Objective(args.min_certified))
+    payload["calibrations"][key] = {**chosen, "n_rows": len(rows), "seeds": len(outcome.members), "candidates": swept,
+                                    "seconds_score": float(sum(row["seconds"] for row in swept)),
+                                    "seconds_total": time.perf_counter() - started}
+    ablation_figure(swept, chosen).savefig(out_dir / f"{args.name}_{key}_calibration.png", dpi=110)
+    # 2. every candidate on the evaluation rows
+    dropout, seconds_dropout = reference_dropout(outcome, passes=args.dropout_passes, seed=config.scorer.seed)
+    results = []
+    for candidate in grid:
+        if _same(candidate, grid[0]):
+            scores, seconds = outcome.scores, outcome.metrics["seconds_score"]
+        else:
+            scores, seconds = rescore(outcome, config.scorer.with_overrides(**candidate))
+        result, per_row = evaluate_scores(outcome, scores, dropout, seconds_score=seconds, seconds_dropout=seconds_dropout,
+                                          resamples=args.resamples)
+        result["calibrated"] = _same(candidate, chosen)
+        result["goal"] = goal_checks(result)
+        results.append(result)
+        payload["rows"].append(result)
+        if result["calibrated"]:
+            title = f"{dataset}, {shots} shots, {result['seeds']} members: {result['perturb']}, sigma {result['sigma']:g}"
+            figure = measures_figure({name: per_row[name] for name in MEASURE_LABELS}, per_row["prediction_range"], title)
+            figure.savefig(out_dir / f"{args.name}_{key}_measures.png", dpi=110)
+        print(json.dumps(json_ready({k: result[k] for k in ("dataset", "shots", "perturb", "noise", "sigma", "certified_fraction",
+                                                             "spearman_consistency_confidence", "goal")}
+                                    | {"difference": result["comparisons"]["consistency_minus_confidence"]})), flush=True)
+        payload["seconds_total"] = payload["clock"].lap()[0]
+        _write(out_dir, args.name, {k: v for k, v in payload.items() if k != "clock"})
+    ablation_figure(results, chosen).savefig(out_dir / f"{args.name}_{key}_sites.png", dpi=110)
+    payload["load_averages"].append(os.getloadavg()[0])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -145,53 +226,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.combine:
-        return combine([Path(path) for path in args.combine], out_dir)
+        return combine([Path(path) for path in args.combine], out_dir, args.name)
     mlflow.set_tracking_uri(args.tracking_uri or f"sqlite:///{tempfile.mkdtemp(prefix='paper-table-')}/mlflow.db")
-    shots = _list(int, args.shots)
-    shots_for = {name: _list(int, counts) for name, counts in (item.split("=", 1) for item in args.shots_for)}
-    clock = Clock()
+    grid = candidates(args)
     payload: dict[str, Any] = {
         "machine": machine(),
-        "settings": {key: value for key, value in vars(args).items() if key not in ("tracking_uri", "out_dir")},
+        "settings": {key: value for key, value in vars(args).items() if key not in ("tracking_uri", "out_dir", "combine")},
         "calibrations": {},
         "rows": [],
         "seconds_total": 0.0,
         "load_averages": [],
+        "clock": Clock(),
     }
-
-    def calibrated(dataset: str) -> float:
-        grid = CalibrationGrid(sigmas=tuple(_list(float, args.sigmas)), ks=(args.calibration_k, args.k),
-                               sweep_k=args.calibration_k, rows=args.calibration_rows)
-        fewest = min(shots_for.get(dataset, shots))
-        calibration = run_calibration(_config(args, dataset, fewest, args.calibration_seeds, 0.5, args.k), grid)
-        payload["calibrations"][dataset] = calibration
-        _copy_artifact(calibration["run_id"], "tabcons/calibration.png", out_dir / f"paper_table_calibration_{dataset}.png")
-        (out_dir / f"paper_table_calibration_{dataset}.md").write_text(ablation_table(calibration["ablation"], calibration))
-        return calibration["sigma"]
-
-    sigmas: dict[str, float] = {}
-
-    def sigma_for(dataset: str) -> float:
-        if args.sigma is not None:
-            return args.sigma
-        source = args.calibration_dataset or dataset
-        if source not in sigmas:
-            sigmas[source] = calibrated(source)
-        return sigmas[source]
-
-    for position in range(len(shots)):  # every dataset at its first shot count first: a run cut short still covers both
+    for shots in _list(int, args.shots):
         for dataset in _list(str, args.datasets):
-            count = shots_for.get(dataset, shots)[position]
-            sigma = sigma_for(dataset)
-            result = run_evaluation(_config(args, dataset, count, args.seeds, sigma, args.k), dropout_passes=args.dropout_passes)
-            payload["rows"].append(result)
-            _copy_artifact(result["parent_run_id"], "tabcons/measures_vs_range.png", out_dir / f"paper_table_{dataset}_{count}.png")
-            payload["seconds_total"], payload["cpu_seconds_total"] = clock.lap()
-            payload["load_averages"].append(os.getloadavg()[0])
-            _write(out_dir, payload)
-            print(json.dumps(json_ready({k: result[k] for k in ("dataset", "shots", "accuracy_mean", "majority_rate", "measures",
-                                                                 "certified_agreement")})), flush=True)
-    return payload
+            run_configuration(args, dataset, shots, grid, out_dir, payload)
+            _write(out_dir, args.name, {k: v for k, v in payload.items() if k != "clock"})
+    return {k: v for k, v in payload.items() if k != "clock"}
 
 
 if __name__ == "__main__":

@@ -12,8 +12,7 @@ from mlflow_tabcons.tracking.calibration import (
     CalibrationGrid,
     ablation_table,
     apply_calibration,
-    choose_k,
-    choose_sigma,
+    choose_neighbourhood,
     load_calibration,
     validation_subset,
 )
@@ -25,42 +24,35 @@ from mlflow_tabcons.members.training import EncodedRows
 NAN = float("nan")
 
 
-def _row(sigma, k, spearman_pr, certified_fraction=0.0):
-    return {"sigma": sigma, "k": k, "spearman_pv": spearman_pr, "spearman_pr": spearman_pr, "auroc_agree": 0.6,
-            "mean_consistency": 0.7, "certified_fraction": certified_fraction, "certified_agreement": NAN, "seconds": 1.0}
+def _candidate(perturb, sigma, difference, certified, agree, matched):
+    return {"perturb": perturb, "noise": "sphere", "sigma": sigma, "sigma_mode": "relative", "k": 128,
+            "measures": {"consistency": {"spearman_pr": -0.3}},
+            "comparisons": {"consistency_minus_confidence": {"spearman_pr": difference, "spearman_pr_ci": [difference - 0.1, difference + 0.1]}},
+            "spearman_consistency_confidence": 0.9, "certified_fraction": certified, "certified_agreement": agree,
+            "certified_agreement_matched_confidence": matched, "certified_overlap_matched_confidence": 0.8, "seconds": 2.0}
 
 
-def test_choose_sigma_takes_the_most_negative_spearman_at_the_sweep_k_and_skips_nan():
-    ablation = [_row(0.25, 32, 0.05), _row(0.5, 32, -0.2), _row(1.0, 32, -0.45), _row(2.0, 32, NAN), _row(4.0, 64, -0.9)]
-    assert choose_sigma(ablation, 32) == 1.0
+def test_the_chosen_neighbourhood_carries_its_settings_and_reason():
+    candidates = [_candidate("embeddings", 0.5, -0.01, 0.6, 0.99, 0.99), _candidate("hidden", 1.0, -0.12, 0.35, 0.98, 0.97),
+                  _candidate("pooled", 1.0, -0.3, 0.0, NAN, NAN)]
+    chosen = choose_neighbourhood(candidates)
+    assert (chosen["perturb"], chosen["sigma"], chosen["k"], chosen["constraints_met"]) == ("hidden", 1.0, 128, True)
+    table = ablation_table(candidates, chosen).strip().splitlines()
+    assert table[3].startswith("| hidden | sphere | 1 | -0.300 | -0.120 [-0.220, -0.020]") and table[3].endswith("chosen |")
+    assert not table[2].endswith("chosen |") and "| n/a | n/a |" in table[4]
 
 
-def test_choose_sigma_refuses_an_ablation_without_any_ranking():
-    with pytest.raises(TabconsInputError, match="prediction range is constant"):
-        choose_sigma([_row(0.5, 32, NAN), _row(1.0, 32, NAN)], 32)
-    with pytest.raises(TabconsInputError, match="no rows at k=16"):
-        choose_sigma([_row(0.5, 32, -0.1)], 16)
-
-
-def test_choose_k_is_the_smallest_k_close_to_the_largest_in_ranking_and_certified_fraction():
-    ablation = [_row(1.0, 16, -0.30, 0.0), _row(1.0, 32, -0.41, 0.10), _row(1.0, 64, -0.43, 0.30),
-                _row(1.0, 128, -0.44, 0.33), _row(0.5, 16, -0.44, 0.33)]
-    assert choose_k(ablation, 1.0, tolerance=0.05) == 64  # 32 ranks as well but certifies far fewer rows
-    assert choose_k(ablation, 1.0, tolerance=0.25) == 32
-    assert choose_k(ablation, 1.0, tolerance=0.0) == 128
-
-
-def test_ablation_table_marks_the_chosen_setting():
-    table = ablation_table([_row(0.5, 32, -0.1), _row(1.0, 32, -0.4)], {"sigma": 1.0, "k": 32})
-    lines = table.strip().splitlines()
-    assert lines[2].startswith("| 0.5 | 32 | -0.100") and not lines[2].endswith("chosen |")
-    assert lines[3].startswith("| 1 | 32 | -0.400") and lines[3].endswith("chosen |")
+def test_grid_lists_every_site_noise_and_sigma():
+    grid = CalibrationGrid(sites=("hidden", "pooled"), noises=("sphere", "gaussian"), sigmas=(0.5, 1.0))
+    assert len(grid.candidates()) == 8
+    assert {"perturb": "pooled", "noise": "gaussian", "sigma": 0.5} in grid.candidates()
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"sigmas": ()}, "at least one sigma"), ({"sigmas": (0.5, -1.0)}, "sigma must be in"),
-     ({"ks": (1,)}, "k must be >= 2"), ({"rows": 2}, "calibration rows must be >= 4")],
+    [({"sigmas": ()}, "at least one site, one noise and one sigma"), ({"sigmas": (0.5, -1.0)}, "sigma must be in"),
+     ({"sites": ("logits",)}, "perturb site must be one of"), ({"noises": ("uniform",)}, "noise must be one of"),
+     ({"rows": 2}, "calibration rows must be >= 4")],
 )
 def test_grid_refuses_bad_values(kwargs, message):
     with pytest.raises(TabconsInputError, match=message):
@@ -82,7 +74,10 @@ def test_load_and_apply_a_calibration_file(tmp_path):
     path = tmp_path / "calibration.json"
     path.write_text(json.dumps({"sigma": 1.5, "sigma_mode": "absolute", "k": 96}))
     settings = apply_calibration(ScorerSettings(), load_calibration(str(path)))
-    assert (settings.sigma, settings.sigma_mode, settings.k) == (1.5, "absolute", 96)
+    assert (settings.sigma, settings.sigma_mode, settings.k, settings.perturb) == (1.5, "absolute", 96, "embeddings")
+    path.write_text(json.dumps({"sigma": 0.5, "sigma_mode": "relative", "k": 128, "perturb": "hidden", "noise": "gaussian"}))
+    settings = apply_calibration(ScorerSettings(), load_calibration(str(path)))
+    assert (settings.perturb, settings.noise) == ("hidden", "gaussian")
     path.write_text(json.dumps({"sigma": 1.5}))
     with pytest.raises(TabconsInputError, match=r"lacks \['sigma_mode', 'k'\]"):
         load_calibration(str(path))
@@ -102,19 +97,20 @@ FAST = ["--data", "diabetes", "--shots", "24", "--epochs", "1", "--batch-size", 
 @pytest.mark.slow
 def test_calibrate_then_train_with_the_calibration(tracking_uri, tiny_model_dir, tmp_path):
     out = tmp_path / "calibration.json"
-    result = CliRunner().invoke(cli, ["calibrate", "--model", tiny_model_dir, *FAST, "--sigmas", "0.1,1,3", "--ks", "8,16",
-                                      "--sweep-k", "8", "--calibration-rows", "20", "--out", str(out)])
+    result = CliRunner().invoke(cli, ["calibrate", "--model", tiny_model_dir, *FAST, "--k", "8", "--sites", "hidden,pooled",
+                                      "--sigmas", "0.1,1", "--calibration-rows", "100", "--out", str(out)])
     assert result.exit_code == 0, result.output
     calibration = json.loads(out.read_text())
-    sweep = [row for row in calibration["ablation"] if row["k"] == 8]
-    assert sorted(row["sigma"] for row in sweep) == [0.1, 1.0, 3.0]
-    ranked = [row for row in sweep if row["spearman_pr"] is not None]
-    assert calibration["sigma"] == min(ranked, key=lambda row: row["spearman_pr"])["sigma"]
-    assert sorted(row["k"] for row in calibration["ablation"] if row["sigma"] == calibration["sigma"]) == [8, 16]
-    assert calibration["k"] in (8, 16) and calibration["n_rows"] == 20 and calibration["seeds"] == 3
+    swept = {(row["perturb"], row["sigma"]) for row in calibration["candidates"]}
+    assert swept == {("hidden", 0.1), ("hidden", 1.0), ("pooled", 0.1), ("pooled", 1.0)}
+    assert all(row["k"] == 8 for row in calibration["candidates"])
+    assert (calibration["perturb"], calibration["sigma"]) in swept and calibration["chosen_by"]
+    # diabetes has 80 validation rows: unused training rows fill up to 100
+    assert calibration["n_rows"] == 100 and calibration["seeds"] == 3
     run = mlflow.get_run(calibration["run_id"])
     assert run.data.tags["tabcons.role"] == "calibration"
     assert run.data.metrics["calibrated_sigma"] == calibration["sigma"]
+    assert run.data.tags["tabcons.calibrated_perturb"] == calibration["perturb"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tabcons")}
     assert {"tabcons/calibration.json", "tabcons/calibration.md", "tabcons/calibration.png"} <= artifacts
     children = mlflow.search_runs(search_all_experiments=True, output_format="list",
@@ -129,4 +125,5 @@ def test_calibrate_then_train_with_the_calibration(tracking_uri, tiny_model_dir,
                                     filter_string="tags.`tabcons.role` = 'ensemble'")[0]
         assert float(parent.data.params["scorer.sigma"]) == calibration["sigma"]
         assert int(parent.data.params["scorer.k"]) == calibration["k"]
+        assert parent.data.params["scorer.perturb"] == calibration["perturb"]
         assert not math.isnan(parent.data.metrics["mean_consistency"])

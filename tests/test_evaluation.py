@@ -31,8 +31,12 @@ from mlflow_tabcons.evaluation.measures import (
 REQUIRED_KEYS = {
     "dataset", "shots", "seeds", "k", "sigma", "alpha", "n_eval", "accuracy_mean", "arbitrariness", "measures",
     "certified_fraction", "certified_agreement", "seconds_train", "seconds_score",
-    "balanced_accuracy_mean", "majority_rate", "beats_majority",
+    "balanced_accuracy_mean", "majority_rate", "beats_majority", "perturb", "noise", "comparisons",
+    "certified_agreement_ci", "certified_agreement_matched_confidence", "certified_agreement_matched_confidence_ci",
+    "certified_agreement_matched_dropout", "certified_agreement_matched_dropout_ci", "certified_overlap_matched_confidence",
+    "partial_spearman_pr_given_confidence", "partial_spearman_pr_given_confidence_ci", "spearman_consistency_confidence",
 }
+QUALITY_KEYS = {"spearman_pv", "spearman_pv_ci", "spearman_pr", "spearman_pr_ci", "auroc_agree", "auroc_agree_ci"}
 
 
 def _binary(p1):
@@ -61,16 +65,25 @@ def test_agreement_auroc_of_a_perfect_and_an_inverted_measure():
     assert math.isnan(agreement_auroc(np.array([0.1, 0.2]), np.array([True, True])))
 
 
-def test_ground_truth_is_relative_to_the_reference_members_class():
+def test_ground_truth_comes_from_the_other_members_relative_to_the_reference_class():
     # 3 members, 3 rows. Row 0: all predict class 1. Row 1: reference says 0, one other agrees.
     # Row 2: reference says 1 (0.6), both others say 0.
     truth = ground_truth(_binary([[0.9, 0.2, 0.6], [0.8, 0.4, 0.3], [0.7, 0.7, 0.1]]))
     np.testing.assert_array_equal(truth.reference_class, [1, 0, 1])
-    np.testing.assert_allclose(truth.class_probabilities[:, 1], [0.8, 0.6, 0.3])  # probability of class 0 on row 1
-    np.testing.assert_allclose(truth.range, [0.2, 0.5, 0.5])
-    np.testing.assert_allclose(truth.variance[0], np.var([0.9, 0.8, 0.7]))
+    assert truth.class_probabilities.shape == (2, 3)  # the reference's own probability is no part of the truth
+    np.testing.assert_allclose(truth.class_probabilities[:, 1], [0.6, 0.3])  # probability of class 0 on row 1
+    np.testing.assert_allclose(truth.range, [0.1, 0.3, 0.2])
+    np.testing.assert_allclose(truth.variance[0], np.var([0.8, 0.7]))
     np.testing.assert_allclose(truth.agreement, [1.0, 0.5, 0.0])
     np.testing.assert_array_equal(truth.all_agree, [True, False, False])
+
+
+def test_ground_truth_follows_the_class_it_is_given():
+    """The scorer's class (its own forward path) decides which class the truth is about."""
+    members = _binary([[0.51, 0.2], [0.8, 0.4], [0.3, 0.9]])
+    truth = ground_truth(members, reference_class=np.array([0, 0]))
+    np.testing.assert_allclose(truth.class_probabilities, [[0.2, 0.6], [0.7, 0.1]])
+    np.testing.assert_allclose(truth.agreement, [0.5, 0.5])
 
 
 def test_a_measure_that_tracks_the_truth_gets_negative_spearman_and_auroc_one():
@@ -130,25 +143,34 @@ def test_json_ready_turns_nan_into_null():
 
 
 def _result(**overrides):
-    quality = {"spearman_pv": -0.3, "spearman_pr": -0.4, "auroc_agree": 0.7}
-    result = {"dataset": "d", "shots": 64, "seeds": 10, "sigma": 1.0, "sigma_mode": "relative", "k": 64,
-              "accuracy_mean": 0.72, "balanced_accuracy_mean": 0.7, "majority_rate": 0.65, "arbitrariness": 0.3,
+    quality = {"spearman_pv": -0.3, "spearman_pv_ci": [-0.4, -0.2], "spearman_pr": -0.4, "spearman_pr_ci": [-0.5, -0.3],
+               "auroc_agree": 0.7, "auroc_agree_ci": [0.6, 0.8]}
+    difference = {"spearman_pr": -0.12, "spearman_pr_ci": [-0.2, -0.04], "auroc_agree": 0.05, "auroc_agree_ci": [0.0, 0.1]}
+    result = {"dataset": "d", "shots": 64, "seeds": 10, "n_eval": 200, "perturb": "hidden", "noise": "sphere", "sigma": 1.0,
+              "sigma_mode": "relative", "k": 64, "accuracy_mean": 0.72, "balanced_accuracy_mean": 0.7, "majority_rate": 0.65,
               "measures": {"consistency": quality, "confidence": quality, "dropout": quality},
-              "certified_fraction": 0.4, "certified_agreement": 0.97, "alpha": 0.05, "beats_majority": True,
-              "above_chance": True}
+              "comparisons": {"consistency_minus_confidence": difference, "consistency_minus_dropout": difference},
+              "partial_spearman_pr_given_confidence": -0.2, "partial_spearman_pr_given_confidence_ci": [-0.3, -0.1],
+              "spearman_consistency_confidence": 0.8, "certified_fraction": 0.4, "certified_fraction_interval": [0.33, 0.47],
+              "certified_agreement": 0.97, "certified_agreement_ci": [0.95, 0.99],
+              "certified_agreement_matched_confidence": 0.96, "certified_agreement_matched_confidence_ci": [0.94, 0.98],
+              "certified_agreement_matched_dropout": 0.9, "certified_agreement_matched_dropout_ci": [0.85, 0.95],
+              "certified_overlap_matched_confidence": 0.7, "alpha": 0.05, "beats_majority": True, "above_chance": True}
     return {**result, **overrides}
 
 
-def test_markdown_table_marks_rows_without_evidence_and_failed_certificates():
-    table = markdown_table([_result(), _result(beats_majority=False, above_chance=False, certified_agreement=0.9), _result(certified_agreement=None),
+def test_markdown_table_shows_intervals_and_marks_rows_without_evidence():
+    table = markdown_table([_result(), _result(beats_majority=False, above_chance=False), _result(certified_agreement=None),
                             _result(beats_majority=False, above_chance=True), _result(above_chance=False)])
     lines = table.strip().splitlines()
-    assert len(lines) == 7
+    assert len(lines) == 7 and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| -0.12 [-0.20, -0.04] |" in lines[2]  # the paired difference with its interval
+    assert "| 0.970 [0.950, 0.990] | 0.960 [0.940, 0.980] | 0.900 [0.850, 0.950] | 0.70 |" in lines[2]
+    assert "| 0.40 [0.33, 0.47] |" in lines[2] and lines[2].endswith("| yes |")
+    assert "do not beat the majority class" in lines[3]
+    assert "| n/a [0.950, 0.990] |" in lines[4]
     assert "weak: balanced accuracy above chance" in lines[5]
     assert "weak: accuracy above the majority rate, balanced accuracy at chance" in lines[6]
-    assert "0.97 (yes)" in lines[2] and lines[2].endswith("| yes |")
-    assert "0.90 (NO)" in lines[3] and "do not beat the majority class" in lines[3]
-    assert "no certified rows" in lines[4]
 
 
 class _Tiny(torch.nn.Module):
@@ -201,19 +223,24 @@ def _evaluate(tiny_model_dir, *extra):
 @pytest.mark.slow
 def test_evaluate_writes_every_key_and_logs_to_mlflow(tracking_uri, tiny_model_dir, tmp_path):
     out = tmp_path / "evaluation.json"
-    result = _evaluate(tiny_model_dir, "--data", "diabetes", "--seeds", "3", "--out", str(out))
+    result = _evaluate(tiny_model_dir, "--data", "diabetes", "--seeds", "3", "--perturb", "hidden", "--noise", "gaussian",
+                       "--out", str(out))
     assert result.exit_code == 0, result.output
     written = json.loads(out.read_text())
     assert REQUIRED_KEYS <= set(written)
     assert set(written["measures"]) == {"consistency", "confidence", "dropout"}
     for quality in written["measures"].values():
-        assert set(quality) == {"spearman_pv", "spearman_pr", "auroc_agree"}
+        assert set(quality) == QUALITY_KEYS
+    assert set(written["comparisons"]) == {"consistency_minus_confidence", "consistency_minus_dropout"}
+    for difference in written["comparisons"].values():
+        assert set(difference) == QUALITY_KEYS
     assert written["seeds"] == 3 and written["n_eval"] == 20 and written["k"] == 16 and written["shots"] == 24
+    assert (written["perturb"], written["noise"]) == ("hidden", "gaussian")
 
     run = mlflow.get_run(written["parent_run_id"])
     table = mlflow.load_table("tabcons/rows.json", run_ids=[run.info.run_id])
-    truth_range = table["prediction_range"].to_numpy()
-    expected = spearman(table["consistency"].to_numpy(), truth_range)
+    others = table[["probability_seed_1", "probability_seed_2"]].to_numpy()  # the truth leaves the reference (seed 0) out
+    expected = spearman(table["consistency"].to_numpy(), others.max(axis=1) - others.min(axis=1))
     if math.isnan(expected):
         assert written["measures"]["consistency"]["spearman_pr"] is None
     else:
@@ -222,6 +249,8 @@ def test_evaluate_writes_every_key_and_logs_to_mlflow(tracking_uri, tiny_model_d
     certified = table["certified"].to_numpy(dtype=bool)
     if certified.any():
         assert written["certified_agreement"] == pytest.approx(table["agreement_with_reference"][certified].mean())
+        low, high = written["certified_agreement_ci"]
+        assert low <= written["certified_agreement"] <= high
     assert written["certified_fraction"] == pytest.approx(certified.mean())
     assert run.data.tags["tabcons.evaluation"] == "true"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "tabcons")}

@@ -14,7 +14,7 @@ import click
 from mlflow.exceptions import MlflowException
 
 from mlflow_tabcons.scoring.bounds import BOUNDS
-from mlflow_tabcons.scoring.consistency import NOISES, PRECISIONS, SIGMA_MODES, ScorerSettings
+from mlflow_tabcons.scoring.consistency import NOISES, PERTURB_SITES, PRECISIONS, SIGMA_MODES, ScorerSettings
 from mlflow_tabcons.members.training import CLASS_PRIORS, RESAMPLING, TRAIN_PRECISIONS, TrainSettings
 from mlflow_tabcons.members.classifier import DEFAULT_MODEL, LoraSettings
 from mlflow_tabcons.tracking.config import TrainingConfig
@@ -101,7 +101,12 @@ scorer_options = _stack(
     click.option("--bound", type=click.Choice(BOUNDS), default=_DEFAULT_SCORER.bound, show_default=True),
     click.option("--variance-bound", type=float, default=_DEFAULT_SCORER.variance_bound, show_default=True,
                  help="Stated bound on Var(Z) for --bound bernstein."),
-    click.option("--noise", type=click.Choice(NOISES), default=_DEFAULT_SCORER.noise, show_default=True),
+    click.option("--noise", type=click.Choice(NOISES), default=_DEFAULT_SCORER.noise, show_default=True,
+                 help="Neighbours on the sphere of radius sigma, or Gaussian with that expected radius."),
+    click.option("--perturb", type=click.Choice(PERTURB_SITES), default=_DEFAULT_SCORER.perturb, show_default=True,
+                 help="Where the noise goes: every input token embedding (the paper's), only the row's value tokens, "
+                      "the hidden state entering the first fine-tuned layer, or the pooled vector the head reads "
+                      "(travels with the registered model)."),
     click.option("--early-stop/--no-early-stop", default=_DEFAULT_SCORER.early_stop, show_default=True,
                  help="Stop a row's sampling once decided (needs --bound betting)."),
     click.option("--score-seed", type=int, default=_DEFAULT_SCORER.seed, show_default=True),
@@ -167,6 +172,7 @@ def scorer_settings_from_options(options: dict[str, Any]) -> ScorerSettings:
         bound=options["bound"],
         variance_bound=options["variance_bound"],
         noise=options["noise"],
+        perturb=options["perturb"],
         early_stop=options["early_stop"],
         seed=options["score_seed"],
         precision=options["scorer_precision"],

@@ -114,22 +114,39 @@ class RowSerializer:
             raise TabconsInputError(f"duplicate feature columns: {duplicates}")
 
     def serialize(self, row: Mapping[str, Any]) -> str:
-        parts = []
+        return self.serialize_with_spans(row)[0]
+
+    def serialize_with_spans(self, row: Mapping[str, Any]) -> tuple[str, list[tuple[int, int]]]:
+        """The row's text and the character spans [start, end) of its values (not the template, names or question)."""
+        parts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        at = 0
         for column in self.columns:
             value = row[column]
             if is_missing(value):
                 continue
             name, text = self.dictionary.column_text(column), self.dictionary.value_text(column, value)
-            parts.append(f"The {name} is {text}." if self.template == "text" else f"{name}: {text}.")
+            lead = f"The {name} is " if self.template == "text" else f"{name}: "
+            spans.append((at + len(lead), at + len(lead) + len(text)))
+            parts.append(f"{lead}{text}.")
+            at += len(parts[-1]) + 1  # the joining space
         if self.question:
             parts.append(self.question)
-        return " ".join(parts)
+        return " ".join(parts), spans
 
-    def serialize_frame(self, frame: pd.DataFrame) -> list[str]:
+    def _records(self, frame: pd.DataFrame) -> list[dict[str, Any]]:
         missing = [c for c in self.columns if c not in frame.columns]
         if missing:
             raise TabconsInputError(f"input is missing column(s) {missing}; expected {list(self.columns)}")
-        return [self.serialize(row) for row in frame[list(self.columns)].to_dict(orient="records")]
+        return frame[list(self.columns)].to_dict(orient="records")
+
+    def serialize_frame(self, frame: pd.DataFrame) -> list[str]:
+        return [self.serialize(row) for row in self._records(frame)]
+
+    def serialize_frame_with_spans(self, frame: pd.DataFrame) -> tuple[list[str], list[list[tuple[int, int]]]]:
+        """Texts and value spans of every row (what the scorer's ``values`` site perturbs)."""
+        pairs = [self.serialize_with_spans(row) for row in self._records(frame)]
+        return [text for text, _ in pairs], [spans for _, spans in pairs]
 
     def to_dict(self) -> dict[str, Any]:
         return {

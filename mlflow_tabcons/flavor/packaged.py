@@ -63,7 +63,8 @@ class TabconsModel:
         if unknown:
             raise TabconsInputError(f"required column(s) {unknown} are not feature columns {list(self.serializer.columns)}")
         if self.backend is None:
-            self.backend = TorchBackend(self.classifier, default_device(), self.settings.precision)
+            depth = self.classifier.prefix_layers(self.spec.lora.get("layers"))  # the hidden site: input of the first LoRA layer
+            self.backend = TorchBackend(self.classifier, default_device(), self.settings.precision, hidden_depth=depth)
 
     @property
     def columns(self) -> list[str]:
@@ -118,9 +119,14 @@ class TabconsModel:
             raise TabconsInputError(f"score must be true or false, got {score!r}")
         scorer = self._scorer_for(k, sigma, alpha, seed)
         frame = self.check_frame(frame)
-        input_ids = encode(self.tokenizer, self.serializer.serialize_frame(frame), None, self.max_length).input_ids
+        if score and scorer.settings.perturb == "values":
+            texts, spans = self.serializer.serialize_frame_with_spans(frame)
+            rows = encode(self.tokenizer, texts, None, self.max_length, spans)
+        else:
+            rows = encode(self.tokenizer, self.serializer.serialize_frame(frame), None, self.max_length)
+        input_ids = rows.input_ids
         if score:
-            scores = scorer.score(input_ids)
+            scores = scorer.score(input_ids, value_masks=rows.value_masks)
             predicted, probability = scores.predicted, scores.confidence
             consistency, lcb, certified = scores.consistency, scores.lcb, scores.certified
         else:

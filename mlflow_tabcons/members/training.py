@@ -76,15 +76,44 @@ class EncodedRows:
 
     input_ids: list[torch.Tensor]
     labels: np.ndarray
+    value_masks: list[torch.Tensor] | None = None  # per row, which tokens spell its values (with value spans)
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def subset(self, indices: Sequence[int]) -> EncodedRows:
+        masks = None if self.value_masks is None else [self.value_masks[i] for i in indices]
+        return EncodedRows([self.input_ids[i] for i in indices], self.labels[list(indices)], masks)
 
-def encode(tokenizer, texts: Sequence[str], labels: np.ndarray | None, max_length: int) -> EncodedRows:
-    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+
+def encode(
+    tokenizer,
+    texts: Sequence[str],
+    labels: np.ndarray | None,
+    max_length: int,
+    value_spans: Sequence[Sequence[tuple[int, int]]] | None = None,
+) -> EncodedRows:
+    """Token ids (and, given the serializer's value spans, which tokens overlap a value)."""
+    if value_spans is not None and not getattr(tokenizer, "is_fast", False):
+        raise TabconsInputError("value-token masks need a fast tokenizer (character offsets); this model's tokenizer has none")
+    encoded = tokenizer(list(texts), truncation=True, max_length=max_length, return_offsets_mapping=value_spans is not None)
+    ids = encoded["input_ids"]
     labels = np.full(len(ids), -1, dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
-    return EncodedRows([torch.tensor(row, dtype=torch.long) for row in ids], labels)
+    masks = None
+    if value_spans is not None:
+        masks = [_overlaps(offsets, spans) for offsets, spans in zip(encoded["offset_mapping"], value_spans)]
+    return EncodedRows([torch.tensor(row, dtype=torch.long) for row in ids], labels, masks)
+
+
+def _overlaps(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Tokens whose characters overlap one of ``spans`` (special tokens have empty offsets)."""
+    starts = torch.tensor([start for start, _ in offsets])[:, None]
+    ends = torch.tensor([end for _, end in offsets])[:, None]
+    if not spans:
+        return torch.zeros(len(offsets), dtype=torch.bool)
+    span = torch.tensor(list(spans))
+    hit = (starts < span[None, :, 1]) & (ends > span[None, :, 0]) & (ends > starts)
+    return hit.any(dim=1)
 
 
 def pad(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,12 @@ from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, 
 
 SIGMA_MODES = ("relative", "absolute")
 NOISES = ("sphere", "gaussian")
+# Where the neighbours are drawn (docs/method.md, "Where the noise goes"): every input token
+# embedding (the paper's choice), only the embeddings of the row's value tokens, the hidden state
+# entering the first fine-tuned layer, or the pooled sentence vector the head reads.
+PERTURB_SITES = ("embeddings", "values", "hidden", "pooled")
+# Sites a backend that only knows input embeddings (``embed``/``probabilities``) can serve.
+INPUT_SITES = ("embeddings", "values")
 PRECISIONS = ("float32", "bfloat16")
 MAX_K = 100_000
 # Rounds of sampling when early stopping: the bound is checked after each.
@@ -49,6 +55,9 @@ class ScorerSettings:
     ``early_stop`` (needs the anytime-valid ``betting`` bound) stops sampling a
     row as soon as its bound clears tau or its upper bound falls below it.
     ``precision`` is how a PyTorch model runs the neighbour passes (see ``TorchBackend``).
+    ``perturb`` is where the noise goes (``PERTURB_SITES``); ``values`` needs each
+    row's value-token mask, ``hidden`` and ``pooled`` need a backend with ``represent``.
+    sigma is relative to the norm of what is perturbed there.
     """
 
     k: int = 128
@@ -63,6 +72,7 @@ class ScorerSettings:
     seed: int = 0
     max_batch_tokens: int = 16384
     precision: str = "float32"
+    perturb: str = "embeddings"
 
     def __post_init__(self) -> None:
         check_int("k", self.k, minimum=2, maximum=MAX_K)
@@ -82,6 +92,7 @@ class ScorerSettings:
         check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
         check_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
         check_choice("precision", self.precision, PRECISIONS)
+        check_choice("perturb", self.perturb, PERTURB_SITES)
 
     def with_overrides(self, **overrides: Any) -> ScorerSettings:
         """A copy with some fields replaced (and validated); None values are ignored."""
@@ -105,6 +116,16 @@ class ProbabilityBackend(Protocol):
         """(B, L, d) embeddings and (B, L) mask -> (B, C) class probabilities."""
 
 
+class SiteBackend(ProbabilityBackend, Protocol):
+    """A backend that can also perturb inside the model (the ``hidden`` and ``pooled`` sites)."""
+
+    def represent(self, input_ids: torch.Tensor, site: str) -> torch.Tensor:
+        """(L,) token ids -> (L', d) what is perturbed at ``site`` (L' = 1 for ``pooled``)."""
+
+    def probabilities_at(self, site: str, states: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        """(B, L', d) states at ``site`` and (B, L') mask -> (B, C) class probabilities."""
+
+
 class TorchBackend:
     """The scorer's view of a ``TabularClassifier`` in PyTorch.
 
@@ -114,12 +135,17 @@ class TorchBackend:
     times faster; the probabilities move by about 1e-2, so a row whose bound
     sits right at tau can change its certificate (benchmarks/bench_scoring.py
     measures how often).
+
+    ``hidden_depth`` is how many bottom layers the fine-tuning left frozen: the
+    ``hidden`` site perturbs the hidden state entering layer ``hidden_depth``, so
+    each neighbour pass runs only the layers above it.
     """
 
-    def __init__(self, classifier: torch.nn.Module, device: str = "cpu", precision: str = "float32") -> None:
+    def __init__(self, classifier: torch.nn.Module, device: str = "cpu", precision: str = "float32", *, hidden_depth: int = 0) -> None:
         self.precision = check_choice("precision", precision, PRECISIONS)
         self.classifier = classifier.to(device).eval()
         self.device = device
+        self.hidden_depth = check_int("hidden_depth", hidden_depth, minimum=0)
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -127,9 +153,31 @@ class TorchBackend:
 
     @torch.inference_mode()
     def probabilities(self, embeddings: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        return self.probabilities_at("embeddings", embeddings, attention_mask)
+
+    @torch.inference_mode()
+    def represent(self, input_ids: torch.Tensor, site: str) -> torch.Tensor:
+        check_choice("perturb", site, PERTURB_SITES)
+        ids = input_ids.to(self.device)[None]
+        if site in INPUT_SITES:
+            return self.classifier.embed(ids)[0].float().cpu()
+        mask = torch.ones_like(ids)
+        if site == "hidden":
+            return self.classifier.frozen_prefix(ids, mask, self.hidden_depth)[0].float().cpu()
+        return self.classifier.pooled_from_embeddings(self.classifier.embed(ids), mask).float().cpu()
+
+    @torch.inference_mode()
+    def probabilities_at(self, site: str, states: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        check_choice("perturb", site, PERTURB_SITES)
+        states, attention_mask = states.to(self.device), attention_mask.to(self.device)
         device_type = torch.device(self.device).type
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bfloat16"):
-            logits = self.classifier.logits_from_embeddings(embeddings.to(self.device), attention_mask.to(self.device))
+            if site in INPUT_SITES:
+                logits = self.classifier.logits_from_embeddings(states, attention_mask)
+            elif site == "hidden":
+                logits = self.classifier.logits_from_prefix(states, attention_mask, self.hidden_depth)
+            else:
+                logits = self.classifier.logits_from_pooled(states[:, 0])
         return torch.softmax(logits.float(), dim=-1).cpu().numpy()
 
 
@@ -175,22 +223,30 @@ def _neighbour_seed(key: bytes, index: int) -> int:
     return int.from_bytes(hashlib.blake2b(key + index.to_bytes(8, "little"), digest_size=8).digest(), "little") >> 1
 
 
-def neighbour_directions(key: bytes, start: int, count: int, shape: tuple[int, int], noise: str = "sphere") -> torch.Tensor:
+def neighbour_directions(
+    key: bytes, start: int, count: int, shape: tuple[int, int], noise: str = "sphere", positions: torch.Tensor | None = None
+) -> torch.Tensor:
     """Directions of neighbours start..start+count-1 of a row: unit Frobenius norm (sphere),
-    or Gaussian scaled so the expected squared norm is 1. Each depends only on (key, index)."""
+    or Gaussian scaled so the expected squared norm is 1. Each depends only on (key, index).
+    With ``positions`` (an (L,) bool mask) only those positions move; the norm is over them."""
     out = torch.empty((count, *shape))
     generator = torch.Generator()
     for j in range(count):  # one seeded draw per neighbour, written in place
         torch.randn(shape, generator=generator.manual_seed(_neighbour_seed(key, start + j)), out=out[j])
+    entries = shape[0] * shape[1]
+    if positions is not None:
+        out *= positions.to(out.dtype)[None, :, None]
+        entries = int(positions.sum()) * shape[1]
     if noise == "sphere":
         return out / out.flatten(1).norm(dim=1).clamp_min(1e-12)[:, None, None]
-    return out / float(shape[0] * shape[1]) ** 0.5
+    return out / float(max(entries, 1)) ** 0.5
 
 
-def neighbourhood_radius(embedding: torch.Tensor, settings: ScorerSettings) -> float:
-    """sigma itself (absolute) or sigma times the row's embedding norm ||E(x)||_F (relative)."""
+def neighbourhood_radius(embedding: torch.Tensor, settings: ScorerSettings, positions: torch.Tensor | None = None) -> float:
+    """sigma itself (absolute) or sigma times the norm of what is perturbed, ||E(x)||_F (relative)."""
     if settings.sigma_mode == "relative":
-        return settings.sigma * float(embedding.norm())
+        moved = embedding if positions is None else embedding[positions]
+        return settings.sigma * float(moved.norm())
     return settings.sigma
 
 
@@ -202,10 +258,11 @@ class _Row:
     predicted: int
     confidence: float
     z: list[float]
+    positions: torch.Tensor | None = None  # the value tokens, where only they move
 
     def neighbours(self, count: int, noise: str) -> torch.Tensor:
         """The next ``count`` neighbours E(x) + r u_i of this row."""
-        directions = neighbour_directions(self.key, len(self.z), count, tuple(self.embedding.shape), noise)
+        directions = neighbour_directions(self.key, len(self.z), count, tuple(self.embedding.shape), noise, self.positions)
         return self.embedding[None] + self.radius * directions
 
 
@@ -238,10 +295,32 @@ class ConsistencyScorer:
         self.backend = backend
         self.settings = settings or ScorerSettings()
 
+    @property
+    def settings(self) -> ScorerSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: ScorerSettings) -> None:
+        if settings.perturb not in INPUT_SITES and not hasattr(self.backend, "represent"):
+            raise TabconsInputError(
+                f"perturb={settings.perturb!r} needs a backend that runs the model from inside "
+                f"(the torch backend); {type(self.backend).__name__} perturbs only at {list(INPUT_SITES)}"
+            )
+        self._settings = settings
+
+    def _represent(self, input_ids: torch.Tensor) -> torch.Tensor:
+        site = self.settings.perturb
+        return self.backend.embed(input_ids) if site in INPUT_SITES else self.backend.represent(input_ids, site)
+
+    def _probabilities(self, states: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        site = self.settings.perturb
+        if site in INPUT_SITES:
+            return self.backend.probabilities(states, attention_mask)
+        return self.backend.probabilities_at(site, states, attention_mask)
+
     def predict_proba(self, input_ids: Sequence[torch.Tensor]) -> np.ndarray:
         """Plain class probabilities (n, C) of unperturbed rows: the fast path without a score."""
-        embeddings = [self.backend.embed(ids) for ids in input_ids]
-        return self._forward_rows(embeddings)
+        return self._forward_rows([self._represent(ids) for ids in input_ids])
 
     def _forward_rows(self, embeddings: Sequence[torch.Tensor]) -> np.ndarray:
         jobs = [(i, 1, e.shape[0]) for i, e in enumerate(embeddings)]
@@ -265,21 +344,28 @@ class ConsistencyScorer:
             batch[at : at + stack.shape[0], : stack.shape[1]] = stack
             mask[at : at + stack.shape[0], : stack.shape[1]] = 1
             at += stack.shape[0]
-        return self.backend.probabilities(batch, mask)
+        return self._probabilities(batch, mask)
 
-    def score(self, input_ids: Sequence[torch.Tensor], *, progress: bool = False) -> ConsistencyScores:
-        """Score every row: prediction, S, the lower bound and the certified flag."""
+    def score(
+        self, input_ids: Sequence[torch.Tensor], *, value_masks: Sequence[torch.Tensor] | None = None, progress: bool = False
+    ) -> ConsistencyScores:
+        """Score every row: prediction, S, the lower bound and the certified flag.
+
+        ``value_masks`` (one (L,) bool mask per row: its value tokens) is what
+        the ``values`` site perturbs; other sites ignore it.
+        """
         settings = self.settings
         if len(input_ids) == 0:
             raise TabconsInputError("nothing to score: the input has no rows")
-        embeddings = [self.backend.embed(ids) for ids in input_ids]
+        positions = self._value_positions(input_ids, value_masks)
+        embeddings = [self._represent(ids) for ids in input_ids]
         probabilities = self._forward_rows(embeddings)
         predicted = probabilities.argmax(axis=1)
         rows = []
         for i, (ids, embedding) in enumerate(zip(input_ids, embeddings)):
             c = int(predicted[i])
-            radius = neighbourhood_radius(embedding, settings)
-            rows.append(_Row(embedding, row_key(settings.seed, ids), radius, c, float(probabilities[i, c]), []))
+            radius = neighbourhood_radius(embedding, settings, positions[i])
+            rows.append(_Row(embedding, row_key(settings.seed, ids), radius, c, float(probabilities[i, c]), [], positions[i]))
         decided_lcb = np.full(len(rows), np.nan)
         active = list(range(len(rows)))
         bar = tqdm(total=len(rows) * settings.k, desc="scoring", unit="pass", disable=not progress or None)
@@ -295,6 +381,25 @@ class ConsistencyScorer:
         bar.update(bar.total - bar.n)
         bar.close()
         return self._results(rows, probabilities, decided_lcb)
+
+    def _value_positions(
+        self, input_ids: Sequence[torch.Tensor], value_masks: Sequence[torch.Tensor] | None
+    ) -> list[torch.Tensor | None]:
+        if self.settings.perturb != "values":
+            return [None] * len(input_ids)
+        if value_masks is None:
+            raise TabconsInputError("perturb='values' needs each row's value-token mask (value_masks), from the serializer's value spans")
+        if len(value_masks) != len(input_ids):
+            raise TabconsInputError(f"value_masks has {len(value_masks)} rows but input_ids has {len(input_ids)}")
+        positions = []
+        for i, (ids, mask) in enumerate(zip(input_ids, value_masks)):
+            mask = torch.as_tensor(mask, dtype=torch.bool)
+            if mask.shape != ids.shape:
+                raise TabconsInputError(f"value mask of row {i} has shape {tuple(mask.shape)}, its token ids {tuple(ids.shape)}")
+            if not mask.any():
+                raise TabconsInputError(f"row {i} has no value tokens to perturb (every value missing or truncated)")
+            positions.append(mask)
+        return positions
 
     def _rounds(self) -> list[int]:
         """Sample counts after which the bound is checked: 16, 24, 32, 40, 56, 72, 96, ... k (or just k)."""

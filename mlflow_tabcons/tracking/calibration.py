@@ -1,18 +1,19 @@
-"""Choosing the neighbourhood radius sigma (and checking k) against a small seed ensemble.
+"""Choosing where and how wide to perturb, against a seed ensemble, on rows the evaluation never sees.
 
-docs/method.md, "The measure": the radius sigma decides whether the measure
-works, and its right scale depends on the model. `tabcons calibrate` fine-tunes
-a few seeds, scores held-out validation rows (never the evaluation rows) at
-several sigmas, and keeps the sigma whose score ranks the ensemble's
-prediction range best (most negative Spearman). At that sigma it scores again
-with several k and reports the smallest k whose ranking and certified fraction
-are within ``tolerance`` of the largest k's. The result is a JSON file (and an
-MLflow artifact) that `tabcons train --calibration` and `tabcons evaluate
---calibration` read.
+docs/evaluation.md, "Calibration": `tabcons calibrate` fine-tunes a few seeds,
+scores held-out rows (the validation split, topped up with training rows outside
+the few-shot sample when it is smaller than asked) at every candidate
+neighbourhood (perturbation site x noise x sigma, all at the evaluation's k),
+and keeps the candidate the stated objective (``evaluation.objective``) prefers:
+a certificate that selects rows at least as trustworthy as the same number of
+most-confident rows, on enough rows, and the score that ranks the other
+members' disagreement best beyond confidence. The result is a JSON file (and an
+MLflow artifact) that `tabcons train --calibration` and `tabcons evaluate --calibration` read.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -26,24 +27,19 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ScorerSettings, TorchBackend
-from mlflow_tabcons.data.tables import stratified_sample
-from mlflow_tabcons.errors import TabconsInputError, check_float, check_int
-from mlflow_tabcons.evaluation.measures import (
-    GroundTruth,
-    certified_agreement,
-    ground_truth,
-    json_ready,
-    measure_quality,
-    members_summary,
-)
-from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer
+from mlflow_tabcons.data.tables import split_dataset, stratified_sample
+from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
+from mlflow_tabcons.evaluation.intervals import DEFAULT_RESAMPLES
+from mlflow_tabcons.evaluation.measures import assess_measures, ground_truth, json_ready, members_summary
+from mlflow_tabcons.evaluation.objective import Objective, choose
 from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path
-from mlflow_tabcons.tracking.config import TrainingConfig
-from mlflow_tabcons.tracking.prepared import prepare_data
-from mlflow_tabcons.tracking.training_job import experiment_id_for, train_ensemble_members
-from mlflow_tabcons.tracking.plots import new_figure
+from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, Member, TrainSettings
 from mlflow_tabcons.runtime import configure_threads, default_device
+from mlflow_tabcons.scoring.consistency import NOISES, PERTURB_SITES, ConsistencyScorer, ScorerSettings
+from mlflow_tabcons.tracking.config import TrainingConfig
+from mlflow_tabcons.tracking.plots import new_figure
+from mlflow_tabcons.tracking.prepared import PreparedData, encode_frame, prepare_data
+from mlflow_tabcons.tracking.training_job import experiment_id_for, reference_backend, train_ensemble_members
 
 logger = logging.getLogger(__name__)
 
@@ -52,152 +48,164 @@ CALIBRATION_ARTIFACT = "tabcons/calibration.json"
 
 @dataclass(frozen=True)
 class CalibrationGrid:
-    """What to try: sigmas (at ``sweep_k`` neighbours), then ks at the chosen sigma."""
+    """The candidate neighbourhoods (every site x noise x sigma) and how many held-out rows judge them."""
 
-    sigmas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    ks: tuple[int, ...] = (16, 32, 64)
-    sweep_k: int = 32
-    rows: int = 60
-    tolerance: float = 0.05
+    sites: tuple[str, ...] = ("embeddings", "values", "hidden", "pooled")
+    noises: tuple[str, ...] = ("sphere",)
+    sigmas: tuple[float, ...] = (0.25, 0.5, 1.0)
+    rows: int = 100
+    objective: Objective = Objective()
 
     def __post_init__(self) -> None:
-        if not self.sigmas or not self.ks:
-            raise TabconsInputError("calibration needs at least one sigma and one k")
+        if not self.sites or not self.noises or not self.sigmas:
+            raise TabconsInputError("calibration needs at least one site, one noise and one sigma")
+        for site in self.sites:
+            check_choice("perturb site", site, PERTURB_SITES)
+        for noise in self.noises:
+            check_choice("noise", noise, NOISES)
         for sigma in self.sigmas:
             check_float("sigma", sigma, low=0.0, low_open=True)
-        for k in self.ks:
-            check_int("k", k, minimum=2)
-        check_int("sweep_k", self.sweep_k, minimum=2)
         check_int("calibration rows", self.rows, minimum=4)
-        check_float("tolerance", self.tolerance, low=0.0)
+
+    def candidates(self) -> list[dict[str, Any]]:
+        return [{"perturb": site, "noise": noise, "sigma": sigma}
+                for site, noise, sigma in itertools.product(self.sites, self.noises, self.sigmas)]
 
 
 def validation_subset(rows: EncodedRows, size: int, seed: int) -> EncodedRows:
-    """A stratified sample of ``size`` validation rows (all of them if there are fewer)."""
+    """A stratified sample of ``size`` rows (all of them if there are fewer)."""
     if size >= len(rows):
         return rows
     frame = pd.DataFrame({"label": rows.labels, "index": np.arange(len(rows))})
     chosen = np.sort(stratified_sample(frame, "label", size, seed=seed, what="calibration rows")["index"].to_numpy())
-    return EncodedRows([rows.input_ids[i] for i in chosen], rows.labels[chosen])
+    return rows.subset(chosen)
 
 
-def _nan_last(value: float) -> float:
-    return math.inf if math.isnan(value) else value
+def held_out_rows(config: TrainingConfig, data: PreparedData, size: int) -> EncodedRows:
+    """``size`` rows no member trained on and the evaluation never reads.
+
+    The validation split first; when it is smaller than ``size``, training-split
+    rows outside the few-shot sample fill up (members never saw them either).
+    """
+    if len(data.validation) >= size:
+        return validation_subset(data.validation, size, config.split_seed)
+    split = split_dataset(data.dataset, seed=config.split_seed)
+    unused = split.train.drop(index=data.train_frame.index)
+    unused = stratified_sample(unused, data.dataset.target, min(size - len(data.validation), len(unused)),
+                               seed=config.split_seed, what="calibration rows")
+    extra = encode_frame(data.dataset, data.serializer, data.tokenizer, unused, config.train.max_length)
+    masks = None
+    if data.validation.value_masks is not None and extra.value_masks is not None:
+        masks = data.validation.value_masks + extra.value_masks
+    return EncodedRows(data.validation.input_ids + extra.input_ids, np.concatenate([data.validation.labels, extra.labels]), masks)
 
 
-def ablation_row(scorer: ConsistencyScorer, rows: EncodedRows, truth: GroundTruth, settings: ScorerSettings) -> dict[str, Any]:
-    """Score ``rows`` under ``settings`` and say how well S predicts the ensemble's multiplicity."""
-    scorer.settings = settings
-    started = time.perf_counter()
-    scores = scorer.score(rows.input_ids)
-    fraction, _, _ = scores.certified_fraction()
-    return {
-        "sigma": settings.sigma,
-        "k": settings.k,
-        **measure_quality(scores.consistency, truth),
-        "mean_consistency": float(scores.consistency.mean()),
-        "certified_fraction": fraction,
-        "certified_agreement": certified_agreement(scores.certified, truth.agreement),
-        "seconds": time.perf_counter() - started,
-    }
+def sweep_neighbourhoods(
+    reference: Member,
+    train: TrainSettings,
+    base: ScorerSettings,
+    rows: EncodedRows,
+    member_probabilities: np.ndarray,
+    candidates: Sequence[dict[str, Any]],
+    *,
+    device: str = "cpu",
+    resamples: int = DEFAULT_RESAMPLES,
+) -> list[dict[str, Any]]:
+    """Score ``rows`` with the reference member at every candidate and judge each against the other members."""
+    out = []
+    for candidate in candidates:
+        settings = base.with_overrides(**candidate)
+        scorer = ConsistencyScorer(reference_backend(reference, train, settings, device), settings)
+        started = time.perf_counter()
+        scores = scorer.score(rows.input_ids, value_masks=rows.value_masks)
+        seconds = time.perf_counter() - started
+        truth = ground_truth(member_probabilities, reference_class=scores.predicted)
+        assessment = assess_measures({"consistency": scores.consistency, "confidence": scores.confidence}, truth,
+                                     scores.certified, resamples=resamples, seed=settings.seed)
+        out.append({**candidate, "sigma_mode": settings.sigma_mode, "k": settings.k,
+                    "certified_fraction": float(scores.certified.mean()), "seconds": seconds, **assessment})
+    return out
 
 
-def choose_sigma(ablation: Sequence[dict[str, Any]], sweep_k: int) -> float:
-    """The sigma whose S has the most negative Spearman with prediction range at ``sweep_k``."""
-    sweep = [row for row in ablation if row["k"] == sweep_k]
-    if not sweep:
-        raise TabconsInputError(f"the ablation has no rows at k={sweep_k}")
-    best = min(sweep, key=lambda row: _nan_last(row["spearman_pr"]))
-    if math.isnan(best["spearman_pr"]):
-        raise TabconsInputError(
-            "no sigma could be ranked: the ensemble's prediction range is constant on the calibration rows "
-            "(the members agree everywhere or learned nothing); try more shots, epochs or seeds"
-        )
-    return float(best["sigma"])
+def choose_neighbourhood(candidates: Sequence[dict[str, Any]], objective: Objective = Objective()) -> dict[str, Any]:
+    """The chosen candidate's settings (``perturb``, ``noise``, ``sigma``, ``sigma_mode``, ``k``) and why."""
+    index, reason = choose(candidates, objective)
+    chosen = candidates[index]
+    return {**{key: chosen[key] for key in ("perturb", "noise", "sigma", "sigma_mode", "k")}, "chosen_by": reason,
+            "constraints_met": not reason.startswith("NO")}
 
 
-def choose_k(ablation: Sequence[dict[str, Any]], sigma: float, tolerance: float) -> int:
-    """The smallest k at ``sigma`` whose Spearman and certified fraction are within ``tolerance`` of the largest k's."""
-    at_sigma = sorted((row for row in ablation if row["sigma"] == sigma), key=lambda row: row["k"])
-    if not at_sigma:
-        raise TabconsInputError(f"the ablation has no rows at sigma={sigma}")
-    largest = at_sigma[-1]
-    for row in at_sigma:
-        if _close(row["spearman_pr"], largest["spearman_pr"], tolerance) and _close(
-            row["certified_fraction"], largest["certified_fraction"], tolerance
-        ):
-            return int(row["k"])
-    return int(largest["k"])
+def _cell(value: Any, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
 
-def _close(a: float, b: float, tolerance: float) -> bool:
-    if math.isnan(a) or math.isnan(b):
-        return math.isnan(a) and math.isnan(b)
-    return abs(a - b) <= tolerance
-
-
-def ablation_table(ablation: Sequence[dict[str, Any]], chosen: dict[str, Any]) -> str:
-    """The ablation as markdown, the chosen setting marked."""
-    header = "| sigma | k | rho(S, PV) | rho(S, PR) | AUROC all agree | mean S | certified | cert. agreement | seconds | |"
-    lines = [header, "|---|---|---|---|---|---|---|---|---|---|"]
-    for row in sorted(ablation, key=lambda r: (r["sigma"], r["k"])):
-        mark = "chosen" if (row["sigma"], row["k"]) == (chosen["sigma"], chosen["k"]) else ""
-        values = [row[key] for key in ("spearman_pv", "spearman_pr", "auroc_agree", "mean_consistency", "certified_fraction", "certified_agreement")]
-        cells = ["n/a" if math.isnan(v) else f"{v:.3f}" for v in values]
-        lines.append(f"| {row['sigma']:g} | {row['k']} | " + " | ".join(cells) + f" | {row['seconds']:.1f} | {mark} |")
+def ablation_table(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any]) -> str:
+    """The candidates as markdown, the chosen one marked."""
+    header = ("| site | noise | sigma | rho(S,PR) | S-conf rho(PR) [95%] | rho(S,conf) | certified | agree: certified | "
+              "agree: matched conf | same rows as top conf | seconds | |")
+    lines = [header, "|" + "---|" * 12]
+    for row in candidates:
+        mark = "chosen" if all(row[key] == chosen[key] for key in ("perturb", "noise", "sigma")) else ""
+        difference = row["comparisons"]["consistency_minus_confidence"]
+        low, high = difference["spearman_pr_ci"]
+        cells = [row["perturb"], row["noise"], f"{row['sigma']:g}", _cell(row["measures"]["consistency"]["spearman_pr"]),
+                 f"{_cell(difference['spearman_pr'])} [{_cell(low)}, {_cell(high)}]", _cell(row["spearman_consistency_confidence"]),
+                 _cell(row["certified_fraction"], 2), _cell(row["certified_agreement"]),
+                 _cell(row["certified_agreement_matched_confidence"]), _cell(row["certified_overlap_matched_confidence"], 2),
+                 f"{row['seconds']:.1f}", mark]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def ablation_figure(ablation: Sequence[dict[str, Any]], chosen: dict[str, Any], sweep_k: int):
-    """Left: S's ranking of prediction range against sigma. Right: ranking and certified fraction against k."""
+def ablation_figure(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any]):
+    """Per site: the paired difference rho(S,PR) - rho(conf,PR) (left) and the certified fraction (right) against sigma."""
     figure, (left, right) = new_figure(2, width=10)
-    sweep = sorted((r for r in ablation if r["k"] == sweep_k), key=lambda r: r["sigma"])
-    left.plot([r["sigma"] for r in sweep], [r["spearman_pr"] for r in sweep], "o-", label="Spearman(S, prediction range)")
-    left.plot([r["sigma"] for r in sweep], [r["auroc_agree"] for r in sweep], "s--", label="AUROC(S, all agree)")
-    left.axvline(chosen["sigma"], color="black", linestyle=":", label=f"chosen sigma = {chosen['sigma']:g}")
-    left.set_xscale("log")
-    left.set_xlabel(f"sigma ({chosen['sigma_mode']}), k = {sweep_k}")
-    left.legend(fontsize=8)
-    ks = sorted((r for r in ablation if r["sigma"] == chosen["sigma"]), key=lambda r: r["k"])
-    right.plot([r["k"] for r in ks], [r["spearman_pr"] for r in ks], "o-", label="Spearman(S, prediction range)")
-    right.plot([r["k"] for r in ks], [r["certified_fraction"] for r in ks], "s--", label="certified fraction")
-    right.axvline(chosen["k"], color="black", linestyle=":", label=f"reported k = {chosen['k']}")
-    right.set_xscale("log", base=2)
-    right.set_xlabel(f"k at sigma = {chosen['sigma']:g}")
-    right.legend(fontsize=8)
-    figure.suptitle("Calibration on validation rows against a seed ensemble")
+    for site, noise in sorted({(row["perturb"], row["noise"]) for row in candidates}):
+        rows = sorted((r for r in candidates if (r["perturb"], r["noise"]) == (site, noise)), key=lambda r: r["sigma"])
+        sigmas = [r["sigma"] for r in rows]
+        label = site if noise == "sphere" else f"{site} ({noise})"
+        left.plot(sigmas, [r["comparisons"]["consistency_minus_confidence"]["spearman_pr"] for r in rows], "o-", label=label)
+        right.plot(sigmas, [r["certified_fraction"] for r in rows], "s--", label=label)
+    left.axhline(0.0, color="grey", linewidth=0.8)
+    left.set_ylabel("rho(S, PR) - rho(confidence, PR)  (below 0: S ranks better)")
+    right.set_ylabel("certified fraction")
+    for axis in (left, right):
+        axis.axvline(chosen["sigma"], color="black", linestyle=":")
+        axis.set_xscale("log")
+        axis.set_xlabel(f"sigma ({chosen['sigma_mode']}), k = {chosen['k']}")
+        axis.legend(fontsize=8)
+    figure.suptitle(f"Calibration on held-out rows: chosen {chosen['perturb']}, {chosen['noise']}, sigma {chosen['sigma']:g}")
     figure.tight_layout()
     return figure
 
 
 def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None) -> dict[str, Any]:
-    """Fine-tune ``config.seeds`` members, run the sigma/k ablation on validation rows, log and return the choice."""
+    """Fine-tune ``config.seeds`` members, judge every candidate neighbourhood on held-out rows, log and return the choice."""
     grid = grid or CalibrationGrid()
     configure_threads()
     data = prepare_data(config)
-    rows = validation_subset(data.validation, grid.rows, config.split_seed)
+    rows = held_out_rows(config, data, grid.rows)
     data = replace(data, evaluation=rows)  # members report their scores on the calibration rows
     with mlflow.start_run(
         run_name=f"calibrate-{data.dataset.name}-{config.shots}shots", experiment_id=experiment_id_for(config.experiment)
     ) as run:
         mlflow.set_tags({"tabcons.role": "calibration", "tabcons.dataset": data.dataset.name})
-        mlflow.log_params({**config.params(), "n_calibration_rows": len(rows), "grid.sigmas": ",".join(map(str, grid.sigmas)),
-                           "grid.ks": ",".join(map(str, grid.ks)), "grid.sweep_k": grid.sweep_k})
+        mlflow.log_params({**config.params(), "n_calibration_rows": len(rows), "grid.sites": ",".join(grid.sites),
+                           "grid.noises": ",".join(grid.noises), "grid.sigmas": ",".join(map(str, grid.sigmas)),
+                           "grid.min_certified": grid.objective.min_certified})
         device = default_device()
-        # no per-epoch validation: the members are scored on the (validation) calibration rows once trained
+        started = time.perf_counter()
+        # no per-epoch validation: the members are scored on the held-out calibration rows once trained
         trainer = EnsembleTrainer(load_encoder(resolve_model_path(config.model)), len(data.dataset.labels), config.train,
                                   data.train, None, device=device)
         members, probabilities, failed = train_ensemble_members(trainer, data, config, trainer.prefix_for(rows))
-        if len(members) < 2:
-            raise TabconsInputError(f"calibration needs at least two trained members; seeds {failed} failed")
+        if len(members) < 3:
+            raise TabconsInputError(f"calibration needs at least three trained members (a reference and two others); seeds {failed} failed")
+        seconds_train = time.perf_counter() - started
         member_probabilities = np.stack(probabilities)
-        truth = ground_truth(member_probabilities)
-        scorer = ConsistencyScorer(TorchBackend(members[0].classifier, device, config.scorer.precision), config.scorer)
-        ablation = [ablation_row(scorer, rows, truth, config.scorer.with_overrides(sigma=s, k=grid.sweep_k)) for s in grid.sigmas]
-        sigma = choose_sigma(ablation, grid.sweep_k)
-        ablation += [ablation_row(scorer, rows, truth, config.scorer.with_overrides(sigma=sigma, k=k))
-                     for k in grid.ks if k != grid.sweep_k]
-        chosen = {"sigma": sigma, "sigma_mode": config.scorer.sigma_mode, "k": choose_k(ablation, sigma, grid.tolerance)}
+        candidates = sweep_neighbourhoods(members[0], config.train, config.scorer, rows, member_probabilities,
+                                          grid.candidates(), device=device)
+        chosen = choose_neighbourhood(candidates, grid.objective)
         result = {
             **chosen,
             "alpha": config.scorer.alpha,
@@ -207,15 +215,17 @@ def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None)
             "seeds": len(members),
             "n_rows": len(rows),
             **members_summary(rows.labels, member_probabilities),
-            "ablation": ablation,
-            "chosen_by": (f"sigma: most negative Spearman(S, prediction range) at k={grid.sweep_k}; k: smallest k at that "
-                          f"sigma within {grid.tolerance} of the largest k's Spearman and certified fraction"),
+            "candidates": candidates,
+            "seconds_train": seconds_train,
+            "seconds_score": float(sum(row["seconds"] for row in candidates)),
             "run_id": run.info.run_id,
         }
-        mlflow.log_metrics({"calibrated_sigma": sigma, "calibrated_k": chosen["k"]})
+        mlflow.log_metrics({"calibrated_sigma": chosen["sigma"], "calibrated_k": chosen["k"],
+                            "calibration_seconds_score": result["seconds_score"]})
+        mlflow.set_tags({"tabcons.calibrated_perturb": chosen["perturb"], "tabcons.calibrated_noise": chosen["noise"]})
         mlflow.log_dict(json_ready(result), CALIBRATION_ARTIFACT)
-        mlflow.log_text(ablation_table(ablation, chosen), "tabcons/calibration.md")
-        mlflow.log_figure(ablation_figure(ablation, chosen, grid.sweep_k), "tabcons/calibration.png")
+        mlflow.log_text(ablation_table(candidates, chosen), "tabcons/calibration.md")
+        mlflow.log_figure(ablation_figure(candidates, chosen), "tabcons/calibration.png")
     return result
 
 
@@ -241,5 +251,6 @@ def load_calibration(source: str) -> dict[str, Any]:
 
 
 def apply_calibration(settings: ScorerSettings, calibration: dict[str, Any]) -> ScorerSettings:
-    """The scorer settings with the calibrated sigma, sigma mode and k."""
-    return settings.with_overrides(sigma=calibration["sigma"], sigma_mode=calibration["sigma_mode"], k=calibration["k"])
+    """The scorer settings with the calibrated sigma, sigma mode, k, and (when the calibration chose them) site and noise."""
+    return settings.with_overrides(sigma=calibration["sigma"], sigma_mode=calibration["sigma_mode"], k=calibration["k"],
+                                   perturb=calibration.get("perturb"), noise=calibration.get("noise"))

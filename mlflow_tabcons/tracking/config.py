@@ -11,7 +11,7 @@ from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
 from mlflow_tabcons.flavor.packaged import BACKENDS, check_backend_precision
 from mlflow_tabcons.members.classifier import DEFAULT_MODEL
 from mlflow_tabcons.members.training import TrainSettings
-from mlflow_tabcons.scoring.consistency import ScorerSettings
+from mlflow_tabcons.scoring.consistency import INPUT_SITES, ScorerSettings
 
 DEFAULT_REGISTER = "tabcons-{dataset}"
 
@@ -56,6 +56,8 @@ class TrainingConfig:
             registered_model_name(self.register, self.data)  # refuse a bad name before training, not after
         check_choice("serve_backend", self.serve_backend, BACKENDS)
         check_backend_precision(self.serve_backend, self.scorer.precision)
+        if self.serve_backend == "onnx" and self.scorer.perturb not in INPUT_SITES:
+            raise TabconsInputError(f"the ONNX backend perturbs only at {list(INPUT_SITES)}, not perturb={self.scorer.perturb!r}")
 
     def params(self) -> dict[str, Any]:
         """Flat parameters for MLflow (nested settings become dotted keys)."""

@@ -32,6 +32,14 @@ class PreparedData:
     evaluation: EncodedRows
 
 
+def encode_frame(dataset: TabularDataset, serializer: RowSerializer, tokenizer: Any, frame: pd.DataFrame, max_length: int) -> EncodedRows:
+    """Serialize and tokenize table rows; with a fast tokenizer, also mark each row's value tokens (perturb='values')."""
+    if not getattr(tokenizer, "is_fast", False):  # no character offsets, no value-token masks
+        return encode(tokenizer, serializer.serialize_frame(frame), dataset.encode_labels(frame), max_length)
+    texts, spans = serializer.serialize_frame_with_spans(frame)
+    return encode(tokenizer, texts, dataset.encode_labels(frame), max_length, spans)
+
+
 def prepare_data(config: TrainingConfig) -> PreparedData:
     dataset = load_dataset(config.data, config.target, question=config.question, dictionary=config.dictionary)
     split = split_dataset(dataset, seed=config.split_seed)
@@ -48,7 +56,7 @@ def prepare_data(config: TrainingConfig) -> PreparedData:
     max_length = config.train.max_length
 
     def encoded(frame: pd.DataFrame) -> EncodedRows:
-        return encode(tokenizer, serializer.serialize_frame(frame), dataset.encode_labels(frame), max_length)
+        return encode_frame(dataset, serializer, tokenizer, frame, max_length)
 
     return PreparedData(
         dataset, serializer, tokenizer, train_frame, eval_frame,

@@ -21,11 +21,11 @@ import torch
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.evaluation.classical import classical_baselines
 from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path
-from mlflow_tabcons.members.training import EnsembleTrainer, Member
+from mlflow_tabcons.members.training import EnsembleTrainer, Member, TrainSettings
 from mlflow_tabcons.metrics import multiplicity
 from mlflow_tabcons.metrics.classification import classification_scores, majority_rate, members_learned
 from mlflow_tabcons.runtime import configure_threads, default_device
-from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ConsistencyScores, TorchBackend
+from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ConsistencyScores, ScorerSettings, TorchBackend
 from mlflow_tabcons.tracking import resume
 from mlflow_tabcons.tracking.config import TrainingConfig
 from mlflow_tabcons.tracking.plots import consistency_histogram, consistency_vs_range
@@ -90,6 +90,12 @@ def train_ensemble_members(
         members.append(member)
         probabilities.append(member_probabilities)
     return members, probabilities, failed
+
+
+def reference_backend(reference: Member, train: TrainSettings, scorer: ScorerSettings, device: str) -> TorchBackend:
+    """The scorer's view of the reference member; its ``hidden`` site is the input of the first LoRA layer."""
+    depth = reference.classifier.prefix_layers(train.lora.layers)
+    return TorchBackend(reference.classifier, device, scorer.precision, hidden_depth=depth)
 
 
 def _tag_failed_child(seed: int, error: Exception) -> None:
@@ -241,9 +247,9 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
             )
         reference = members[0]
         mlflow.set_tag("tabcons.reference_seed", str(reference.seed))
-        scorer = ConsistencyScorer(TorchBackend(reference.classifier, device, config.scorer.precision), config.scorer)
+        scorer = ConsistencyScorer(reference_backend(reference, config.train, config.scorer, device), config.scorer)
         started = time.perf_counter()
-        scores = scorer.score(data.evaluation.input_ids, progress=True)
+        scores = scorer.score(data.evaluation.input_ids, value_masks=data.evaluation.value_masks, progress=True)
         seconds_score = time.perf_counter() - started
         member_probabilities = np.stack(probabilities)
         metrics = ensemble_metrics(data.evaluation.labels, members, member_probabilities, scores)
