@@ -48,7 +48,13 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     assert parent.data.params["scorer.k"] == "16" and parent.data.params["seeds"] == "2"
 
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "tabcons")}
-    assert {"tabcons/rows.json", "tabcons/consistency_vs_range.png", "tabcons/consistency_histogram.png"} <= artifacts
+    assert {"tabcons/rows.json", "tabcons/consistency_vs_range.png", "tabcons/consistency_histogram.png",
+            "tabcons/recipe_trials.json", "tabcons/recipe.json"} <= artifacts
+    trials = mlflow.load_table("tabcons/recipe_trials.json", run_ids=[parent.info.run_id])
+    assert len(trials) == metrics["recipe_trials"] == 6 and set(trials["numbers"]) == {"plain", "words"}
+    chosen = parent.data.params
+    assert chosen["recipe.numbers"] in ("plain", "words") and int(chosen["recipe.train.epochs"]) == 1
+    assert {child.data.params["train.learning_rate"] for child in children} == {chosen["recipe.train.learning_rate"]}
     table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
     assert len(table) == 20
     for column in ("label", "predicted", "probability_seed_0", "probability_seed_1", "consistency", "consistency_lcb",
@@ -60,6 +66,17 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     assert metrics["arbitrariness"] == pytest.approx(float((table["pairwise_disagreement"] > 0).mean()))
     assert "certified fraction" in result.output
     assert f"logistic regression accuracy {metrics['baseline_logistic_accuracy']:.3f}" in result.output
+
+
+def test_a_fixed_recipe_trains_every_member_as_configured(tracking_uri, tiny_model_dir):
+    result = _train(tiny_model_dir, "--seeds", "2", "--recipe", "fixed", "--numbers", "words", "--lr", "0.002")
+    assert result.exit_code == 0, result.output
+    parent = next(r for r in _runs() if r.data.tags.get("tabcons.role") == "ensemble")
+    assert not any(key.startswith("recipe.") for key in parent.data.params) and "recipe_trials" not in parent.data.metrics
+    children = [r for r in _runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert {child.data.params["train.learning_rate"] for child in children} == {"0.002"}
+    table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
+    assert len(table) == 20
 
 
 def test_a_failing_member_marks_its_child_and_the_parent_carries_on(tracking_uri, tiny_model_dir, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -42,7 +43,7 @@ def _children(parent_id: str) -> list:
 
 def test_each_member_logs_weights_that_reload_to_the_same_probabilities(tracking_uri, tiny_model_dir):
     from mlflow_tabcons.tracking.prepared import prepare_data
-    from mlflow_tabcons.tracking.resume import load_member, resumable_parent, stored_config
+    from mlflow_tabcons.tracking.resume import load_member, resumable_parent, stored_config, stored_recipe
 
     assert _train(tiny_model_dir, "--seeds", "2").exit_code == 0
     parent = _parent()
@@ -58,6 +59,9 @@ def test_each_member_logs_weights_that_reload_to_the_same_probabilities(tracking
 
     from mlflow_tabcons.members.classifier import load_encoder
 
+    settings, numbers = stored_recipe(parent)  # what the recipe search chose: the members' own settings
+    assert settings.epochs == 1 and numbers in ("plain", "words")
+    config = replace(config, train=settings, numbers=numbers)
     data = prepare_data(config)
     trainer = EnsembleTrainer(load_encoder(tiny_model_dir), 2, config.train, data.train, data.validation)
     table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
@@ -96,7 +100,7 @@ def test_resume_after_members_raised_trains_only_the_failed_seeds(tracking_uri, 
     faulty.clear()
     resumed = CliRunner().invoke(cli, ["train", "--resume", parent.info.run_id])  # configuration comes from the run
     assert resumed.exit_code == 0, resumed.output
-    assert sorted(trained) == sorted(faults)
+    assert sorted(trained) == sorted(faults)  # the recipe search's seeds are not among them: its choice was reused
     parent = mlflow.get_run(parent.info.run_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["tabcons.resumed"] == "true"
     assert parent.data.metrics["members_succeeded"] == 3 and parent.data.metrics["members_reloaded"] == 3 - len(faults)

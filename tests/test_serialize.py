@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.data.serialize import DataDictionary, RowSerializer, format_value
+from mlflow_tabcons.data.serialize import DataDictionary, NumberWords, RowSerializer, format_value, truncate
 
 DICTIONARY = DataDictionary.from_dict(
     {"checking": {"text": "checking account", "values": {"A11": "below 0 DM"}}, "age_years": "age"}
@@ -60,3 +60,42 @@ def test_bad_serializer_arguments():
     with pytest.raises(TabconsInputError, match="at least one"):
         RowSerializer([])
     assert math.isnan(float("nan"))
+
+
+def test_quantile_words_come_from_the_training_rows():
+    train = pd.DataFrame({"priors": [0, 0, 1, 1, 2, 3, 5, 8, 13], "sex": ["f", "m"] * 4 + ["f"], "flag": [True] * 9})
+    words = NumberWords.fit(train, ["priors", "sex", "flag"])
+    assert set(words.cuts) == {"priors"}  # only numeric columns, never booleans or text
+    serializer = RowSerializer(["priors", "sex"], numbers=words)
+    assert serializer.serialize({"priors": 0, "sex": "f"}) == "priors: 0 (low). sex: f."
+    assert serializer.serialize({"priors": 2, "sex": "m"}) == "priors: 2 (medium). sex: m."
+    assert serializer.serialize({"priors": 40, "sex": "m"}) == "priors: 40 (high). sex: m."
+    assert serializer.serialize({"priors": float("nan"), "sex": "m"}) == "sex: m."
+    assert RowSerializer.from_dict(serializer.to_dict()) == serializer
+
+
+def test_five_quantile_words_and_columns_with_few_values():
+    train = pd.DataFrame({"x": np.arange(100.0), "children": [0, 1, 2] * 33 + [0]})
+    words = NumberWords.fit(train, ["x", "children"], bins=5)
+    assert set(words.cuts) == {"x"}  # three distinct values cannot fill five bins: read as they are
+    assert [words.word("x", v) for v in (0, 30, 50, 70, 99)] == ["very low", "low", "medium", "high", "very high"]
+    with pytest.raises(TabconsInputError, match="bins"):
+        NumberWords.fit(train, ["x"], bins=4)
+    with pytest.raises(TabconsInputError, match="sorted"):
+        NumberWords.from_dict({"x": [3.0, 1.0]})
+
+
+@pytest.mark.parametrize(
+    "column, phrase",
+    [("prior_offences", "prior offences"), ("priorOffences", "prior offences"), ("LoyalCH", "loyal CH"),
+     ("credit.amount", "credit amount"), ("HTTPServer", "HTTP server"), ("age", "age")],
+)
+def test_column_names_read_as_phrases(column, phrase):
+    assert DataDictionary().column_text(column) == phrase
+
+
+def test_long_free_text_is_cut_at_a_word():
+    text = "Felony grand theft in the third degree " * 5
+    cut = RowSerializer(["charge"]).serialize({"charge": text})
+    assert cut.endswith("....") and len(cut) < 100 and "degree Felony" in cut
+    assert truncate("short text") == "short text"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from mlflow_tabcons.cli.audit import audit
@@ -17,6 +19,17 @@ from mlflow_tabcons.cli.verify import verify
 @click.version_option(package_name="mlflow-tabcons")
 def cli() -> None:
     """Prediction consistency under fine-tuning multiplicity, for tabular LLMs in MLflow."""
+    _show_progress()
+
+
+def _show_progress() -> None:
+    """Print the library's progress messages (e.g. each recipe trial) on stderr, once."""
+    package = logging.getLogger("mlflow_tabcons")
+    if not package.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
 
 
 cli.add_command(train)

@@ -20,7 +20,8 @@ from mlflow_tabcons.members.classifier import DEFAULT_MODEL, LoraSettings
 from mlflow_tabcons.tracking.config import TrainingConfig
 from mlflow_tabcons.flavor.packaged import BACKENDS
 from mlflow_tabcons.tracking.config import DEFAULT_REGISTER
-from mlflow_tabcons.data.serialize import TEMPLATES
+from mlflow_tabcons.data.serialize import NUMBER_STYLES, TEMPLATES
+from mlflow_tabcons.members.recipe import RECIPE_MODES
 
 _DEFAULT_TRAIN = TrainSettings()
 _DEFAULT_LORA = LoraSettings()
@@ -51,6 +52,9 @@ data_options = _stack(
                  help="YAML data dictionary: column phrases and code-to-word maps."),
     click.option("--template", type=click.Choice(TEMPLATES), default=_DEFAULT_CONFIG.template, show_default=True,
                  help="Row serialization: 'text' (The age is 42.) or 'compact' (age: 42.)."),
+    click.option("--numbers", type=click.Choice(["auto", *NUMBER_STYLES]), default=_DEFAULT_CONFIG.numbers, show_default=True,
+                 help="How numbers read: plain (age: 42), words (age: 42 (high), quantiles of the training rows), or auto "
+                      "(the recipe search picks; a fixed recipe uses words for a table without a data dictionary)."),
     click.option("--shots", type=int, default=_DEFAULT_CONFIG.shots, show_default=True, help="Training rows per member."),
     click.option("--eval-rows", type=int, default=_DEFAULT_CONFIG.eval_rows, show_default=True,
                  help="Test rows to score (0: all)."),
@@ -60,7 +64,13 @@ data_options = _stack(
 
 training_options = _stack(
     click.option("--seeds", type=int, default=_DEFAULT_CONFIG.seeds, show_default=True, help="Ensemble members (>= 2)."),
-    click.option("--epochs", type=int, default=_DEFAULT_TRAIN.epochs, show_default=True),
+    click.option("--recipe", type=click.Choice(RECIPE_MODES), default=_DEFAULT_CONFIG.recipe, show_default=True,
+                 help="auto: choose learning rates, epochs, LoRA size, class weighting and number style on the "
+                      "validation rows, once per ensemble; fixed: train every member with the options as given."),
+    click.option("--recipe-budget", type=int, default=_DEFAULT_CONFIG.recipe_budget, show_default=True,
+                 help="Recipes the auto search tries (each trained with two search seeds)."),
+    click.option("--epochs", type=int, default=_DEFAULT_TRAIN.epochs, show_default=True,
+                 help="Training epochs; with --recipe auto, the most a trial trains (early stopping picks fewer)."),
     click.option("--model", default=_DEFAULT_CONFIG.model, show_default=True,
                  help=f"Hugging Face checkpoint (local dir or hub id); '{DEFAULT_MODEL}' is the packaged offline MiniLM-L6."),
     click.option("--batch-size", type=int, default=_DEFAULT_TRAIN.batch_size, show_default=True),
@@ -191,6 +201,9 @@ def training_config_from_options(options: dict[str, Any]) -> TrainingConfig:
         question=options["question"],
         dictionary=options["dictionary"],
         template=options["template"],
+        numbers=options["numbers"],
+        recipe=options["recipe"],
+        recipe_budget=options["recipe_budget"],
         shots=options["shots"],
         seeds=options["seeds"],
         eval_rows=options["eval_rows"],

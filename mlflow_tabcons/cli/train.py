@@ -51,7 +51,7 @@ def train(resume_run_id: str | None, **options: object) -> None:
     if not outcome.members_learned:
         click.echo(
             "the members do not beat the majority class on the evaluation rows (exact McNemar test, docs/recipe.md): "
-            "their multiplicity is noise, and the promotion gate's default protocol refuses this version"
+            "their multiplicity is noise, and the registered version's evidence says so"
         )
     click.echo(
         f"classical baselines on the same rows: logistic regression accuracy {metrics['baseline_logistic_accuracy']:.3f} "

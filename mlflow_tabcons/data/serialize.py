@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -20,6 +21,15 @@ from mlflow_tabcons.errors import TabconsInputError, check_choice
 
 Template = Literal["text", "compact"]
 TEMPLATES: tuple[str, ...] = ("text", "compact")
+# How numbers read: as they are, or followed by their quantile word among the training rows ("3 (high)").
+NUMBER_STYLES: tuple[str, ...] = ("plain", "words")
+# Words for the quantile bins of a numeric column, by number of bins.
+QUANTILE_WORDS: dict[int, tuple[str, ...]] = {
+    3: ("low", "medium", "high"),
+    5: ("very low", "low", "medium", "high", "very high"),
+}
+# Free text longer than this many characters is cut (with "...") so one column cannot fill the token budget.
+MAX_VALUE_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -64,7 +74,69 @@ class DataDictionary:
 
 
 def _humanize(column: str) -> str:
-    return column.replace("_", " ").replace(".", " ").strip()
+    """A column name as a phrase: ``prior_offences``, ``priorOffences`` and ``prior.offences`` read "prior offences".
+
+    Acronyms stay as they are (``LoyalCH`` reads "loyal CH").
+    """
+    spaced = re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", " ", column.replace("_", " ").replace(".", " "))
+    words = [w.lower() if w[:1].isupper() and w[1:].islower() else w for w in spaced.split()]
+    return " ".join(words)
+
+
+@dataclass(frozen=True)
+class NumberWords:
+    """Quantile cut points of numeric columns among the training rows, so a number says where it stands.
+
+    A language model reads "prior offences: 3" as three tokens with no scale;
+    "prior offences: 3 (high)" says how 3 compares with the other rows.
+    """
+
+    cuts: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, columns: Sequence[str], bins: int = 3) -> NumberWords:
+        """Cut points of every numeric column of ``frame`` with more distinct values than ``bins``."""
+        if bins not in QUANTILE_WORDS:
+            raise TabconsInputError(f"quantile words exist for {sorted(QUANTILE_WORDS)} bins, not {bins}")
+        cuts: dict[str, tuple[float, ...]] = {}
+        for column in columns:
+            values = frame[column]
+            if not pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values):
+                continue
+            values = values.dropna().astype(float)
+            if values.nunique() <= bins:
+                continue
+            points = np.quantile(values, np.arange(1, bins) / bins)
+            cuts[str(column)] = tuple(float(p) for p in points)
+        return cls(cuts)
+
+    def word(self, column: str, value: Any) -> str | None:
+        """The quantile word of ``value`` in ``column``; None for columns without cut points or non-numbers."""
+        points = self.cuts.get(column)
+        if points is None or isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            return None
+        return QUANTILE_WORDS[len(points) + 1][int(np.searchsorted(points, float(value), side="right"))]
+
+    def to_dict(self) -> dict[str, list[float]]:
+        return {column: list(points) for column, points in self.cuts.items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Sequence[float]] | None) -> NumberWords:
+        cuts = {}
+        for column, points in (data or {}).items():
+            points = tuple(float(p) for p in points)
+            if len(points) + 1 not in QUANTILE_WORDS or list(points) != sorted(points):
+                raise TabconsInputError(f"quantile cut points of column {column!r} must be {sorted(QUANTILE_WORDS)} - 1 sorted numbers")
+            cuts[str(column)] = points
+        return cls(cuts)
+
+
+def truncate(text: str, limit: int = MAX_VALUE_CHARS) -> str:
+    """``text`` cut at a word boundary before ``limit`` characters, marked with "..."."""
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
+    return cut.rstrip(" ,;.") + "..."
 
 
 def is_missing(value: Any) -> bool:
@@ -104,6 +176,7 @@ class RowSerializer:
     dictionary: DataDictionary = field(default_factory=DataDictionary)
     question: str | None = None
     template: Template = "compact"
+    numbers: NumberWords | None = None
 
     def __post_init__(self) -> None:
         check_choice("template", self.template, TEMPLATES)
@@ -125,7 +198,10 @@ class RowSerializer:
             value = row[column]
             if is_missing(value):
                 continue
-            name, text = self.dictionary.column_text(column), self.dictionary.value_text(column, value)
+            name, text = self.dictionary.column_text(column), truncate(self.dictionary.value_text(column, value))
+            word = self.numbers.word(column, value) if self.numbers else None
+            if word:
+                text = f"{text} ({word})"
             lead = f"The {name} is " if self.template == "text" else f"{name}: "
             spans.append((at + len(lead), at + len(lead) + len(text)))
             parts.append(f"{lead}{text}.")
@@ -154,6 +230,7 @@ class RowSerializer:
             "dictionary": self.dictionary.to_dict(),
             "question": self.question,
             "template": self.template,
+            "numbers": self.numbers.to_dict() if self.numbers else None,
         }
 
     @classmethod
@@ -163,4 +240,5 @@ class RowSerializer:
             dictionary=DataDictionary.from_dict(data.get("dictionary")),
             question=data.get("question"),
             template=data.get("template", "compact"),
+            numbers=NumberWords.from_dict(data["numbers"]) if data.get("numbers") is not None else None,
         )

@@ -236,8 +236,11 @@ class EnsembleTrainer:
                     stack.enter_context(classifier.attention("eager"))
             yield
 
-    def train_member(self, seed: int, *, on_epoch: Callable[[dict[str, float]], None] | None = None) -> Member:
-        """Fine-tune one member; ``on_epoch`` receives each epoch's loss and validation scores."""
+    def train_member(self, seed: int, *, on_epoch: Callable[[dict[str, float]], bool | None] | None = None) -> Member:
+        """Fine-tune one member; ``on_epoch`` receives each epoch's loss and validation scores.
+
+        ``on_epoch`` returning True stops training after that epoch (early stopping).
+        """
         settings = self.settings
         rng = np.random.default_rng(seed)
         classifier = build_classifier(
@@ -297,8 +300,8 @@ class EnsembleTrainer:
                     probabilities = self.predict_proba(classifier, self.validation, self._validation_prefix)
                     record.update(_validation_scores(probabilities, self.validation.labels))
                 history.append(record)
-                if on_epoch is not None:
-                    on_epoch(record)
+                if on_epoch is not None and on_epoch(record) is True:
+                    break
         progress.close()
         adjust_class_prior(classifier.head, self.train.labels[rows], self.num_labels, settings.class_weight, settings.class_prior)
         classifier.eval()
@@ -330,7 +333,7 @@ class EnsembleTrainer:
 
 
 def _validation_scores(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from mlflow_tabcons.metrics.classification import classification_scores
+    from mlflow_tabcons.metrics.classification import classification_scores, log_loss
 
-    scores = classification_scores(labels, probabilities)
+    scores = {**classification_scores(labels, probabilities), "loss": log_loss(labels, probabilities)}
     return {f"val_{name}": value for name, value in scores.items()}

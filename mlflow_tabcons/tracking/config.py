@@ -6,10 +6,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mlflow_tabcons.data.serialize import TEMPLATES
+from mlflow_tabcons.data.serialize import NUMBER_STYLES, TEMPLATES
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
 from mlflow_tabcons.flavor.packaged import BACKENDS, check_backend_precision
 from mlflow_tabcons.members.classifier import DEFAULT_MODEL
+from mlflow_tabcons.members.recipe import RECIPE_MODES, SearchSettings
 from mlflow_tabcons.members.training import TrainSettings
 from mlflow_tabcons.scoring.consistency import INPUT_SITES, ScorerSettings
 
@@ -34,6 +35,8 @@ class TrainingConfig:
     question: str | None = None
     dictionary: str | None = None
     template: str = "compact"
+    # how numbers read: plain, words (with quantile words), or auto (the recipe search or the table decides)
+    numbers: str = "auto"
     shots: int = 256
     seeds: int = 5
     eval_rows: int = 100
@@ -41,6 +44,9 @@ class TrainingConfig:
     experiment: str | None = None
     split_seed: int = 0
     train: TrainSettings = field(default_factory=TrainSettings)
+    # auto: choose the members' recipe on the validation rows (train.epochs is then the most a trial trains); fixed: train as is
+    recipe: str = "auto"
+    recipe_budget: int = SearchSettings.budget
     scorer: ScorerSettings = field(default_factory=ScorerSettings)
     # registered model name ({dataset} is filled in); None: log and register nothing
     register: str | None = DEFAULT_REGISTER
@@ -52,6 +58,9 @@ class TrainingConfig:
         check_int("eval_rows", self.eval_rows, minimum=0)
         check_int("split_seed", self.split_seed, minimum=0)
         check_choice("template", self.template, TEMPLATES)
+        check_choice("numbers", self.numbers, ("auto", *NUMBER_STYLES))
+        check_choice("recipe", self.recipe, RECIPE_MODES)
+        SearchSettings(budget=self.recipe_budget)
         if self.register is not None:
             registered_model_name(self.register, self.data)  # refuse a bad name before training, not after
         check_choice("serve_backend", self.serve_backend, BACKENDS)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from mlflow_tabcons.data.serialize import RowSerializer
+from mlflow_tabcons.data.serialize import NUMBER_STYLES, NumberWords, RowSerializer
 from mlflow_tabcons.data.tables import TabularDataset, few_shot, load_dataset, split_dataset, stratified_sample
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.classifier import load_tokenizer, resolve_model_path
@@ -26,10 +26,27 @@ class PreparedData:
     serializer: RowSerializer
     tokenizer: Any
     train_frame: pd.DataFrame
+    validation_frame: pd.DataFrame
     eval_frame: pd.DataFrame
     train: EncodedRows
     validation: EncodedRows
     evaluation: EncodedRows
+    numbers: str  # how the serializer reads numbers (data.serialize.NUMBER_STYLES)
+
+
+def default_number_style(dataset: TabularDataset) -> str:
+    """Quantile words for a table without a data dictionary, numbers as they are for one with (docs/recipe.md)."""
+    return "plain" if dataset.dictionary.columns else "words"
+
+
+def number_styles(config: TrainingConfig, dataset: TabularDataset) -> tuple[str, ...]:
+    """The number styles a job considers: the one asked for; under auto, every style for the recipe search."""
+    if config.numbers != "auto":
+        return (config.numbers,)
+    if config.recipe == "auto":
+        default = default_number_style(dataset)
+        return (default, *(style for style in NUMBER_STYLES if style != default))
+    return (default_number_style(dataset),)
 
 
 def encode_frame(dataset: TabularDataset, serializer: RowSerializer, tokenizer: Any, frame: pd.DataFrame, max_length: int) -> EncodedRows:
@@ -41,6 +58,7 @@ def encode_frame(dataset: TabularDataset, serializer: RowSerializer, tokenizer: 
 
 
 def prepare_data(config: TrainingConfig) -> PreparedData:
+    """The configured rows, serialized in the first of the job's number styles."""
     dataset = load_dataset(config.data, config.target, question=config.question, dictionary=config.dictionary)
     split = split_dataset(dataset, seed=config.split_seed)
     train_frame = few_shot(split.train, dataset.target, config.shots, seed=config.split_seed)
@@ -51,16 +69,39 @@ def prepare_data(config: TrainingConfig) -> PreparedData:
         if config.eval_rows
         else split.test
     )
-    serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, config.template)
     tokenizer = load_tokenizer(resolve_model_path(config.model))
+    return serialized(dataset, tokenizer, train_frame, split.validation, eval_frame, config, number_styles(config, dataset)[0])
+
+
+def serialized(
+    dataset: TabularDataset,
+    tokenizer: Any,
+    train_frame: pd.DataFrame,
+    validation_frame: pd.DataFrame,
+    eval_frame: pd.DataFrame,
+    config: TrainingConfig,
+    numbers: str,
+) -> PreparedData:
+    """The three row sets serialized with ``numbers`` (quantile words are cut on the training rows) and tokenized."""
+    words = NumberWords.fit(train_frame, dataset.features) if numbers == "words" else None
+    serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, config.template, words)
     max_length = config.train.max_length
 
     def encoded(frame: pd.DataFrame) -> EncodedRows:
         return encode_frame(dataset, serializer, tokenizer, frame, max_length)
 
     return PreparedData(
-        dataset, serializer, tokenizer, train_frame, eval_frame,
-        encoded(train_frame), encoded(split.validation), encoded(eval_frame),
+        dataset, serializer, tokenizer, train_frame, validation_frame, eval_frame,
+        encoded(train_frame), encoded(validation_frame), encoded(eval_frame), numbers,
+    )
+
+
+def with_numbers(data: PreparedData, config: TrainingConfig, numbers: str) -> PreparedData:
+    """The same rows serialized in another number style."""
+    if numbers == data.numbers:
+        return data
+    return serialized(
+        data.dataset, data.tokenizer, data.train_frame, data.validation_frame, data.eval_frame, config, numbers
     )
 
 

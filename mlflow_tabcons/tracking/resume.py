@@ -27,10 +27,11 @@ from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.classifier import build_classifier
-from mlflow_tabcons.members.training import EnsembleTrainer, Member
+from mlflow_tabcons.members.training import EnsembleTrainer, Member, TrainSettings
 from mlflow_tabcons.tracking.config import TrainingConfig
 
 CONFIG_ARTIFACT = "tabcons/config.json"
+RECIPE_ARTIFACT = "tabcons/recipe.json"
 MEMBER_ARTIFACT_DIR = "tabcons"
 MEMBER_FILE = "member.safetensors"
 TRAIN_ROWS_KEY = "__train_rows__"
@@ -74,6 +75,20 @@ def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
 def log_config(config: TrainingConfig) -> None:
     """Record the exact configuration in the active parent run, for a later resume."""
     mlflow.log_dict(config_to_dict(config), CONFIG_ARTIFACT)
+
+
+def log_recipe(settings: TrainSettings, numbers: str) -> None:
+    """Record the recipe the members train with in the active parent run, so a resume reuses it."""
+    mlflow.log_dict({"train": asdict(settings), "numbers": numbers}, RECIPE_ARTIFACT)
+
+
+def stored_recipe(run: Run) -> tuple[TrainSettings, str] | None:
+    """The member settings and number style the run chose; None when it stopped before choosing."""
+    try:
+        values = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/{RECIPE_ARTIFACT}")
+    except Exception:  # not there: MlflowException or OSError depending on the store
+        return None
+    return _build(TrainSettings, values["train"]), values["numbers"]
 
 
 def resumable_parent(run_id: str) -> Run:

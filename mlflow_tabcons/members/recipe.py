@@ -1,0 +1,201 @@
+"""One training recipe per ensemble, chosen on the table's own validation rows (docs/recipe.md).
+
+Defaults tuned on one table can leave members on another table no better
+than the majority class. ``search_recipe`` tries a few recipes (a greedy,
+budgeted walk: serialization of numbers, learning rates, LoRA size, class
+weighting), each trained with a couple of search seeds that no member uses,
+with early stopping on the validation loss, and returns the best as a
+``TrainSettings`` (epochs set to where the validation loss bottomed out) and a
+number style. Every member of the ensemble then trains with that one recipe,
+so recipe choice is never confused with seed multiplicity.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from torch import nn
+from tqdm.auto import tqdm
+
+from mlflow_tabcons.errors import TabconsInputError, check_int
+from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, TrainSettings
+
+logger = logging.getLogger(__name__)
+
+RECIPE_MODES = ("auto", "fixed")
+# Search seeds are far from the members' seeds (0, 1, ...): the recipe is not fit to the members themselves.
+SEARCH_SEEDS = (10_000, 10_001)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How much the search may spend: ``budget`` recipes, each trained once per search seed."""
+
+    budget: int = 6
+    seeds: tuple[int, ...] = SEARCH_SEEDS
+    patience: int = 2  # epochs without a lower validation loss before a trial stops
+
+    def __post_init__(self) -> None:
+        check_int("recipe budget", self.budget, minimum=1, maximum=100)
+        check_int("recipe patience", self.patience, minimum=1)
+        if not self.seeds:
+            raise TabconsInputError("the recipe search needs at least one seed")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One recipe tried: what changed, its settings, and how it did on the validation rows."""
+
+    name: str
+    numbers: str
+    settings: TrainSettings
+    val_auroc: float  # mean over search seeds, at each seed's best epoch
+    val_accuracy: float
+    val_loss: float
+    best_epoch: int  # mean best epoch over search seeds, rounded
+    seconds: float
+    error: str = ""  # why the trial failed; a failed trial is never chosen
+
+    def better_than(self, other: Trial) -> bool:
+        """Higher validation AUROC (independent of the class prior the head is trained for), then lower loss."""
+        if self.error or other.error:
+            return not self.error
+        if not math.isclose(self.val_auroc, other.val_auroc, abs_tol=1e-9):
+            return self.val_auroc > other.val_auroc
+        return self.val_loss < other.val_loss
+
+
+@dataclass(frozen=True)
+class RecipeChoice:
+    """The search's answer: member settings, number style, and every trial in order."""
+
+    settings: TrainSettings
+    numbers: str
+    trials: list[Trial] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _scaled_rates(factor: float) -> Callable[[TrainSettings], TrainSettings]:
+    return lambda s: replace(s, learning_rate=s.learning_rate * factor, head_learning_rate=s.head_learning_rate * factor)
+
+
+def _flipped_weighting(settings: TrainSettings) -> TrainSettings:
+    return replace(settings, class_weight="none" if settings.class_weight == "balanced" else "balanced")
+
+
+def _larger_lora(settings: TrainSettings) -> TrainSettings:
+    """Twice the rank, on twice the top layers (all of them when the adapters already cover every layer)."""
+    lora = settings.lora
+    return replace(settings, lora=replace(lora, rank=2 * lora.rank, layers=2 * lora.layers if lora.layers else None))
+
+
+# The greedy walk, in order: each step changes the current best recipe in one respect.
+STEPS: tuple[tuple[str, Callable[[TrainSettings], TrainSettings]], ...] = (
+    ("learning rates x3", _scaled_rates(3.0)),
+    ("class weighting flipped", _flipped_weighting),
+    ("LoRA rank and layers x2", _larger_lora),
+    ("learning rates /3", _scaled_rates(1 / 3)),
+)
+
+
+def planned_trials(numbers: Sequence[str], budget: int) -> int:
+    """How many trials the search will run: one per number style, then the greedy steps, within ``budget``."""
+    return min(budget, len(numbers) + len(STEPS))
+
+
+def run_trial(
+    base_encoder: nn.Module,
+    num_labels: int,
+    settings: TrainSettings,
+    rows: tuple[EncodedRows, EncodedRows],
+    search: SearchSettings,
+    *,
+    device: str = "cpu",
+) -> tuple[float, float, float, int]:
+    """Train ``settings`` once per search seed with early stopping; mean validation AUROC, accuracy, loss, best epoch."""
+    train, validation = rows
+    trainer = EnsembleTrainer(base_encoder, num_labels, settings, train, validation, device=device)
+    bests = []
+    for seed in search.seeds:
+        history: list[dict[str, float]] = []
+
+        def stop(record: dict[str, float]) -> bool:
+            history.append(record)
+            losses = [r["val_loss"] for r in history]
+            return len(losses) - 1 - int(np.argmin(losses)) >= search.patience
+
+        trainer.train_member(seed, on_epoch=stop)
+        bests.append(min(history, key=lambda r: r["val_loss"]))
+    auroc = np.array([b["val_auroc"] for b in bests], dtype=float)
+    return (
+        float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan"),
+        float(np.mean([b["val_accuracy"] for b in bests])),
+        float(np.mean([b["val_loss"] for b in bests])),
+        max(1, int(round(np.mean([b["epoch"] for b in bests])))),
+    )
+
+
+def search_recipe(
+    base_encoder: nn.Module,
+    num_labels: int,
+    base: TrainSettings,
+    rows_by_numbers: Mapping[str, tuple[EncodedRows, EncodedRows]],
+    search: SearchSettings | None = None,
+    *,
+    device: str = "cpu",
+    on_trial: Callable[[Trial, int, int], None] | None = None,
+) -> RecipeChoice:
+    """Choose member settings and number style on the validation rows.
+
+    ``rows_by_numbers`` maps each number style to its (training, validation)
+    rows serialized that way. ``base.epochs`` is the most epochs a trial may
+    train; the chosen settings train for the epochs where the validation loss
+    was lowest. ``on_trial(trial, done, planned)`` reports progress.
+    """
+    search = search or SearchSettings()
+    if not rows_by_numbers:
+        raise TabconsInputError("the recipe search needs the rows serialized in at least one number style")
+    for style, (_, validation) in rows_by_numbers.items():
+        if validation is None or len(validation) == 0:
+            raise TabconsInputError(f"the recipe search needs validation rows (number style {style!r} has none)")
+    planned = planned_trials(list(rows_by_numbers), search.budget)
+    started = time.perf_counter()
+    trials: list[Trial] = []
+    progress = tqdm(total=planned, desc="recipe search", unit="trial", leave=False, disable=None)
+
+    def attempt(name: str, numbers: str, settings: TrainSettings) -> Trial:
+        begun = time.perf_counter()
+        try:
+            scores = run_trial(base_encoder, num_labels, settings, rows_by_numbers[numbers], search, device=device)
+            trial = Trial(name, numbers, settings, *scores, time.perf_counter() - begun)
+        except Exception as error:  # a recipe that cannot train (out of memory, ...) is skipped, not fatal
+            logger.exception("recipe trial %r failed", name)
+            nan = float("nan")
+            trial = Trial(name, numbers, settings, nan, nan, nan, 0, time.perf_counter() - begun, f"{type(error).__name__}: {error}")
+        trials.append(trial)
+        progress.update(1)
+        if on_trial is not None:
+            on_trial(trial, len(trials), planned)
+        return trial
+
+    best: Trial | None = None
+    for numbers in rows_by_numbers:
+        if len(trials) >= planned:
+            break
+        trial = attempt("as configured", numbers, base)
+        best = trial if best is None or trial.better_than(best) else best
+    for name, change in STEPS:
+        if len(trials) >= planned:
+            break
+        trial = attempt(name, best.numbers, change(best.settings))
+        best = trial if trial.better_than(best) else best
+    progress.close()
+    seconds = time.perf_counter() - started
+    if best.error:  # nothing trained: the members go with the configured recipe (and fail the same way, with its reason)
+        return RecipeChoice(base, next(iter(rows_by_numbers)), trials, seconds)
+    return RecipeChoice(replace(best.settings, epochs=best.best_epoch), best.numbers, trials, seconds)

@@ -1,0 +1,130 @@
+"""The recipe search: a budgeted greedy walk on validation rows, early stopping, one recipe per ensemble."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.members.classifier import load_encoder, load_tokenizer
+from mlflow_tabcons.members.recipe import STEPS, SearchSettings, Trial, planned_trials, search_recipe
+from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, encode
+
+TEXTS = ["colour: red. size: 3 (high).", "colour: blue. size: 1 (low).", "colour: red. size: 2 (medium).", "colour: blue. size: 3 (high)."]
+PLAIN = ["colour: red. size: 3.", "colour: blue. size: 1.", "colour: red. size: 2.", "colour: blue. size: 3."]
+LABELS = np.array([1, 0, 1, 0] * 4)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir), load_encoder(tiny_model_dir)
+
+
+def _rows(tokenizer, texts):
+    rows = encode(tokenizer, texts * 4, LABELS, 64)
+    return rows, rows
+
+
+def test_returning_true_from_on_epoch_stops_training(parts):
+    tokenizer, base = parts
+    train, validation = _rows(tokenizer, TEXTS)
+    trainer = EnsembleTrainer(base, 2, TrainSettings(epochs=5, batch_size=4), train, validation)
+    member = trainer.train_member(0, on_epoch=lambda record: record["epoch"] >= 2)
+    assert [h["epoch"] for h in member.history] == [1.0, 2.0]
+    assert "val_loss" in member.history[0] and member.history[0]["val_loss"] > 0
+
+
+def test_search_spends_its_budget_and_returns_the_best_trial(parts):
+    tokenizer, base = parts
+    seen = []
+    choice = search_recipe(
+        base, 2, TrainSettings(epochs=3, batch_size=4),
+        {"words": _rows(tokenizer, TEXTS), "plain": _rows(tokenizer, PLAIN)},
+        SearchSettings(budget=4, seeds=(7,)),
+        on_trial=lambda trial, done, planned: seen.append((trial.name, done, planned)),
+    )
+    assert [(done, planned) for _, done, planned in seen] == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert [t.numbers for t in choice.trials[:2]] == ["words", "plain"]
+    assert [t.name for t in choice.trials[2:]] == [name for name, _ in STEPS[:2]]
+    best = choice.trials[0]
+    for trial in choice.trials[1:]:
+        best = trial if trial.better_than(best) else best
+    assert choice.numbers == best.numbers
+    assert choice.settings == replace(best.settings, epochs=best.best_epoch)
+    assert 1 <= choice.settings.epochs <= 3
+    # each step changes the recipe it starts from in one respect
+    assert choice.trials[2].settings.learning_rate == pytest.approx(3 * choice.trials[0].settings.learning_rate)
+
+
+def test_trials_compare_on_auroc_then_loss():
+    settings = TrainSettings()
+    low = Trial("a", "plain", settings, 0.60, 0.7, 0.5, 3, 1.0)
+    high = Trial("b", "plain", settings, 0.70, 0.6, 0.9, 3, 1.0)
+    tied_lower_loss = Trial("c", "plain", settings, 0.60, 0.7, 0.4, 3, 1.0)
+    assert high.better_than(low) and not low.better_than(high)
+    assert tied_lower_loss.better_than(low)
+
+
+def test_budget_caps_the_trials():
+    assert planned_trials(["words", "plain"], 3) == 3
+    assert planned_trials(["plain"], 100) == 1 + len(STEPS)
+
+
+def test_bad_search_input_is_named(parts):
+    tokenizer, base = parts
+    with pytest.raises(TabconsInputError, match="budget"):
+        SearchSettings(budget=0)
+    with pytest.raises(TabconsInputError, match="validation rows"):
+        search_recipe(base, 2, TrainSettings(), {"plain": (_rows(tokenizer, TEXTS)[0], None)})
+    with pytest.raises(TabconsInputError, match="number style"):
+        search_recipe(base, 2, TrainSettings(), {})
+
+
+def test_number_styles_follow_the_recipe_mode_and_the_data_dictionary():
+    import pandas as pd
+
+    from mlflow_tabcons.data.serialize import DataDictionary
+    from mlflow_tabcons.data.tables import TabularDataset
+    from mlflow_tabcons.tracking.config import TrainingConfig
+    from mlflow_tabcons.tracking.prepared import number_styles
+
+    frame = pd.DataFrame({"age": [1, 2], "y": [0, 1]})
+    plain_table = TabularDataset("t", frame, "y")
+    described = TabularDataset("t", frame, "y", DataDictionary.from_dict({"age": "age in years"}))
+    auto, fixed = TrainingConfig(register=None), TrainingConfig(register=None, recipe="fixed")
+    assert number_styles(auto, plain_table) == ("words", "plain")  # the search tries both, the default first
+    assert number_styles(auto, described) == ("plain", "words")
+    assert number_styles(fixed, plain_table) == ("words",) and number_styles(fixed, described) == ("plain",)
+    assert number_styles(TrainingConfig(register=None, numbers="plain"), plain_table) == ("plain",)
+    with pytest.raises(TabconsInputError, match="recipe"):
+        TrainingConfig(recipe="grid")
+    with pytest.raises(TabconsInputError, match="numbers"):
+        TrainingConfig(numbers="roman")
+
+
+def test_a_failing_trial_is_skipped_and_never_chosen(parts, monkeypatch):
+    tokenizer, base = parts
+    original = EnsembleTrainer.train_member
+
+    def fails_at_high_rates(self, seed, **kwargs):
+        if self.settings.learning_rate > 2e-3:
+            raise RuntimeError("simulated out-of-memory")
+        return original(self, seed, **kwargs)
+
+    monkeypatch.setattr(EnsembleTrainer, "train_member", fails_at_high_rates)
+    choice = search_recipe(base, 2, TrainSettings(epochs=2, batch_size=4), {"plain": _rows(tokenizer, PLAIN)},
+                           SearchSettings(budget=2, seeds=(7,)))
+    assert choice.trials[1].error == "RuntimeError: simulated out-of-memory"
+    assert choice.settings.learning_rate == TrainSettings().learning_rate
+
+
+def test_when_every_trial_fails_the_configured_recipe_stands(parts, monkeypatch):
+    tokenizer, base = parts
+
+    def broken(self, seed, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(EnsembleTrainer, "train_member", broken)
+    configured = TrainSettings(epochs=2, batch_size=4)
+    choice = search_recipe(base, 2, configured, {"plain": _rows(tokenizer, PLAIN)}, SearchSettings(budget=2, seeds=(7,)))
+    assert choice.settings == configured and all(t.error for t in choice.trials)
