@@ -175,6 +175,8 @@ def _pip_settings_for_uv() -> dict[str, str]:
             values.append(os.environ[f"PIP_{pip_key.upper().replace('-', '_')}"])
         if values:
             env[uv_key] = " ".join(values) if uv_key == "UV_EXTRA_INDEX_URL" else ",".join(" ".join(values).split())
+    if "UV_EXTRA_INDEX_URL" in env:
+        env["UV_INDEX_STRATEGY"] = "unsafe-best-match"  # pip's way: the best version from any index
     return env
 
 
