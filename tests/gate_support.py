@@ -76,7 +76,11 @@ def new_version(client: MlflowClient, name: str, *, signed: bool = True, role: s
     except Exception:  # noqa: BLE001 - any "does not exist" answer, local or REST
         client.create_registered_model(name)
     folder = model_files()
-    version = client.create_model_version(name, str(folder), run_id)
+    source = str(folder)
+    if client.tracking_uri.startswith("http"):  # a server takes local sources only from inside the run's artifacts
+        client.log_artifacts(run_id, str(folder), "model")
+        source = client.get_run(run_id).info.artifact_uri + "/model"
+    version = client.create_model_version(name, source, run_id)
     if signed:
         measured = evidence(run_id, model_sha256=directory_digest(folder), role=role, **evidence_fields)
         attach_evidence(client, name, version.version, measured, key=VERIFIER_KEY if role == "verifier" else KEY)

@@ -92,8 +92,12 @@ def test_inference_params_change_the_answer_as_declared(pyfunc_model, diabetes_f
     more = pyfunc_model.predict(rows, params={"k": 64})
     # more neighbours tighten the bound: the gap between S and its lower bound shrinks
     assert np.all((more["consistency"] - more["consistency_lcb"]) < (default["consistency"] - default["consistency_lcb"]))
-    looser = pyfunc_model.predict(rows, params={"alpha": 0.5})
-    assert np.all(looser["consistency_lcb"] > default["consistency_lcb"])
+    stricter = pyfunc_model.predict(rows, params={"alpha": 0.001})
+    assert np.all(stricter["consistency_lcb"] < default["consistency_lcb"])
+    for weaker in ({"alpha": 0.5}, {"sigma": 0.1}):  # a caller cannot make 'certified' weaker than the packaged protocol
+        with pytest.raises(MlflowException, match="may not make 'certified' weaker") as caught:
+            pyfunc_model.predict(rows, params=weaker)
+        assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
     fast = pyfunc_model.predict(rows, params={"score": False})
     assert fast["consistency"].isna().all() and fast["consistency_lcb"].isna().all() and not fast["certified"].any()
     assert fast.loc[0, "consistency"] is None  # JSON null when served, not NaN

@@ -78,7 +78,7 @@ def test_records_and_split_requests_answer_like_in_process_predict(server, local
 
 def test_inference_params_travel_in_the_request(server, local_model, diabetes_features):
     rows = diabetes_features.iloc[:3]
-    for params in ({"k": 8, "sigma": 1.5, "alpha": 0.2, "seed": 9}, {"score": False}):
+    for params in ({"k": 8, "sigma": 1.5, "alpha": 0.01, "seed": 9}, {"score": False}):
         answer = _invoke(server, {"dataframe_records": rows.to_dict(orient="records"), "params": params})
         assert answer.status_code == 200, answer.text
         records = answer.json()["predictions"]
@@ -110,6 +110,10 @@ MALFORMED = {
     "huge k": (lambda f: {"dataframe_records": _records(f), "params": {"k": 1_000_000_000}}, "cap of 4096"),
     "negative sigma": (lambda f: {"dataframe_records": _records(f), "params": {"sigma": -1.0}}, "sigma must be in"),
     "alpha out of range": (lambda f: {"dataframe_records": _records(f), "params": {"alpha": 2.0}}, "alpha must be in"),
+    "alpha above the packaged": (lambda f: {"dataframe_records": _records(f), "params": {"alpha": 0.5}},
+                                 "above the packaged alpha 0.05: a request may not make 'certified' weaker"),
+    "sigma below the packaged": (lambda f: {"dataframe_records": _records(f), "params": {"sigma": 0.01}},
+                                 "below the packaged sigma 0.5"),
     "no data key": (lambda f: {"rows": _records(f)}, "dataframe_split"),
 }
 

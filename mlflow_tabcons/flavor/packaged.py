@@ -98,7 +98,25 @@ class TabconsModel:
             check_int("k", k, minimum=2)
             if k > self.max_k:
                 raise TabconsInputError(f"k={k} is above this model's cap of {self.max_k} neighbours per row (max_k)")
-        return self.scorer(k=k, sigma=sigma, alpha=alpha, seed=seed)
+        scorer = self.scorer(k=k, sigma=sigma, alpha=alpha, seed=seed)
+        self._check_not_weaker(scorer.settings)
+        return scorer
+
+    def _check_not_weaker(self, asked: ScorerSettings) -> None:
+        """A request may make ``certified`` stricter, never weaker than the packaged protocol.
+
+        A larger alpha or a smaller sigma (the neighbours closer to the row) certifies
+        rows the packaged settings would not; fewer neighbours only loosen the bound.
+        """
+        packaged = self.settings
+        if asked.alpha > packaged.alpha:
+            raise TabconsInputError(
+                f"alpha={asked.alpha} is above the packaged alpha {packaged.alpha}: a request may not make 'certified' weaker"
+            )
+        if asked.sigma < packaged.sigma:
+            raise TabconsInputError(
+                f"sigma={asked.sigma} is below the packaged sigma {packaged.sigma}: a request may not make 'certified' weaker"
+            )
 
     def predict(
         self,
