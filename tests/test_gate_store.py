@@ -11,7 +11,8 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 from conftest import ADMIN_URI_FIXTURES, SQL_BACKENDS, new_database
-from gate_support import KEY, POLICY, evidence, new_version
+from gate_support import DIGEST as DIGEST_OF_TEST
+from gate_support import KEY, POLICY, VERIFIER_KEY, evidence, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -37,6 +38,7 @@ def policy_file(tmp_path, monkeypatch):
     path.write_text(POLICY)
     monkeypatch.setenv("TABCONS_POLICY", str(path))
     monkeypatch.setenv("TABCONS_EVIDENCE_KEY", KEY.decode())
+    monkeypatch.setenv("TABCONS_VERIFIER_KEY", VERIFIER_KEY.decode())
     return path
 
 
@@ -312,3 +314,21 @@ def test_concurrent_promotions_serialize(client, database_uri):
     assert [r.version for r in rows if r.allowed] == winners
     later_strong = [r for r in rows if r.version in strong and not r.allowed]
     assert all("max_churn" in r.summary and "0.5000 > 0.3000" in r.summary for r in later_strong)
+
+
+def test_verified_target_reads_verifier_evidence_and_compares_churn_on_the_holdout(client, policy_file):
+    holdout = "sha256:" + "cd" * 32
+    policy_file.write_text(POLICY.replace("    max_churn: 0.30\nstages",
+                                          f"    max_churn: 0.30\n    protocol: {{evidence: verified, holdout_sha256: '{holdout}'}}\nstages", 1))
+    trainer_only = new_version(client, "credit", lower=0.95)
+    assert "no tabcons.evidence.verified tag" in refusal(client.set_registered_model_alias, "credit", "champion", trainer_only.version)
+    elsewhere = new_version(client, "credit", role="verifier", arbitrariness=None, lower=0.95)
+    message = refusal(client.set_registered_model_alias, "credit", "champion", elsewhere.version)
+    assert f"protocol breach: holdout {DIGEST_OF_TEST} (policy: the holdout {holdout})" in message
+    assert "max_arbitrariness: not measured: the verifier scored one model" in message
+    policy_file.write_text(policy_file.read_text().replace("    max_arbitrariness: 0.10\n", "", 1))
+    first = new_version(client, "credit", role="verifier", arbitrariness=None, lower=0.95, digest=holdout, predictions="0000")
+    client.set_registered_model_alias("credit", "champion", first.version)
+    churny = new_version(client, "credit", role="verifier", arbitrariness=None, lower=0.95, digest=holdout, predictions="0011")
+    assert "max_churn (against version 3): 0.5000 > 0.3000" in refusal(
+        client.set_registered_model_alias, "credit", "champion", churny.version)

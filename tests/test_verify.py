@@ -66,3 +66,24 @@ def test_train_verify_promote(tracking_uri, tiny_model_dir, monkeypatch, tmp_pat
     client.delete_registered_model_alias("pima", "champion")
     tampered = runner.invoke(cli, promote)
     assert tampered.exit_code != 0 and "files changed after the evidence was signed" in tampered.output
+
+
+@pytest.mark.slow
+def test_the_issues_two_commands_end_in_a_refusal_naming_the_breach(tracking_uri, tiny_model_dir, monkeypatch, tmp_path):
+    """`tabcons train ... --tau -0.9 --alpha 0.5 --register cheat`, then `tabcons promote cheat 1 champion`."""
+    (tmp_path / "policy.yaml").write_text("version: 1\naliases:\n  champion:\n"
+                                          "    min_certified_fraction: {threshold: 0.9, on: lower}\n")
+    monkeypatch.setenv("TABCONS_POLICY", str(tmp_path / "policy.yaml"))
+    monkeypatch.setenv("TABCONS_EVIDENCE_KEY", KEY.decode())
+    registry = "tabcons+" + tracking_uri
+    mlflow.set_registry_uri(registry)
+    runner = CliRunner()
+    train = ["train", "--data", "diabetes", "--model", tiny_model_dir, "--shots", "16", "--seeds", "2", "--epochs", "1",
+             "--eval-rows", "60", "--k", "16", "--batch-size", "8", "--tau", "-0.9", "--alpha", "0.5", "--register", "cheat"]
+    assert runner.invoke(cli, train).exit_code == 0
+    refused = runner.invoke(cli, ["promote", "cheat", "1", "champion", "--registry-uri", registry])
+    assert refused.exit_code != 0
+    for breach in ("protocol breach: tau -0.9 (policy: at least 0.5", "protocol breach: alpha 0.5 (policy: at most 0.05)",
+                   "protocol breach: k 16 (policy: at least 64)"):
+        assert breach in refused.output
+    assert mlflow.MlflowClient(registry_uri=registry).get_registered_model("cheat").aliases == {}

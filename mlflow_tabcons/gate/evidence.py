@@ -202,11 +202,11 @@ def refuse(message: str) -> MlflowException:
 def verify_evidence(value: str | None, key: bytes | None, role: str = TRAINER) -> Evidence:
     """Return the evidence in a signed tag value of ``role``, or raise PERMISSION_DENIED saying why it is not trusted."""
     tag = EVIDENCE_TAGS[role]
-    if key is None:
-        raise refuse(f"no {role} key configured on this side (set {KEY_ENV[role]} or {KEY_FILE_ENV[role]})")
     if not value:
         how = "train or evaluate with tabcons" if role == TRAINER else "the verifier runs `tabcons verify NAME VERSION --data HOLDOUT`"
         raise refuse(f"no {tag} tag: {how} to attach signed evidence")
+    if key is None:
+        raise refuse(f"no {role} key configured on this side (set {KEY_ENV[role]} or {KEY_FILE_ENV[role]})")
     try:
         document = json.loads(value)
     except json.JSONDecodeError as error:
