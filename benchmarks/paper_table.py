@@ -82,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sites", default="embeddings,values,hidden,pooled")
     parser.add_argument("--sigmas", default="0.25,0.5,1")
     parser.add_argument("--extra", default="hidden:gaussian:0.5,pooled:gaussian:0.5",
-                        help="more candidates as site:noise:sigma, comma-separated")
+                        help="settings measured on the evaluation rows only (not calibration candidates), as site:noise:sigma")
     parser.add_argument("--calibration-rows", type=int, default=100)
     parser.add_argument("--min-certified", type=float, default=Objective().min_certified)
     parser.add_argument("--dropout-passes", type=int, default=16)
@@ -96,13 +96,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def candidates(args: argparse.Namespace) -> list[dict[str, Any]]:
+def candidates(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The calibration grid (sites x sigmas, sphere) and the extra settings measured on the evaluation rows only."""
     grid = CalibrationGrid(sites=tuple(_list(str, args.sites)), sigmas=tuple(_list(float, args.sigmas)), rows=args.calibration_rows)
     extra = []
     for item in _list(str, args.extra):
         site, noise, sigma = item.split(":")
         extra.append({"perturb": site, "noise": noise, "sigma": float(sigma)})
-    return grid.candidates() + extra
+    return grid.candidates(), extra
 
 
 def _eval_rows(dataset: str, wanted: int) -> int:
@@ -175,9 +176,9 @@ def combine(paths: list[Path], out_dir: Path, name: str) -> dict[str, Any]:
     return payload
 
 
-def run_configuration(args: argparse.Namespace, dataset: str, shots: int, grid: list[dict[str, Any]], out_dir: Path,
-                      payload: dict[str, Any]) -> None:
-    """Train once; calibrate on held-out rows; evaluate every candidate on the test rows."""
+def run_configuration(args: argparse.Namespace, dataset: str, shots: int, grid: list[dict[str, Any]], extra: list[dict[str, Any]],
+                      out_dir: Path, payload: dict[str, Any]) -> None:
+    """Train once; calibrate on held-out rows; evaluate every candidate and extra setting on the test rows."""
     config = _config(args, dataset, shots, grid[0])
     outcome = run_training(config)
     trainer, data = outcome.trainer, outcome.data
@@ -197,7 +198,7 @@ def run_configuration(args: argparse.Namespace, dataset: str, shots: int, grid: 
     # 2. every candidate on the evaluation rows
     dropout, seconds_dropout = reference_dropout(outcome, passes=args.dropout_passes, seed=config.scorer.seed)
     results = []
-    for candidate in grid:
+    for candidate in grid + extra:
         if _same(candidate, grid[0]):
             scores, seconds = outcome.scores, outcome.metrics["seconds_score"]
         else:
@@ -228,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.combine:
         return combine([Path(path) for path in args.combine], out_dir, args.name)
     mlflow.set_tracking_uri(args.tracking_uri or f"sqlite:///{tempfile.mkdtemp(prefix='paper-table-')}/mlflow.db")
-    grid = candidates(args)
+    grid, extra = candidates(args)
     payload: dict[str, Any] = {
         "machine": machine(),
         "settings": {key: value for key, value in vars(args).items() if key not in ("tracking_uri", "out_dir", "combine")},
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     for shots in _list(int, args.shots):
         for dataset in _list(str, args.datasets):
-            run_configuration(args, dataset, shots, grid, out_dir, payload)
+            run_configuration(args, dataset, shots, grid, extra, out_dir, payload)
             _write(out_dir, args.name, {k: v for k, v in payload.items() if k != "clock"})
     return {k: v for k, v in payload.items() if k != "clock"}
 

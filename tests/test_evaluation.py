@@ -287,6 +287,9 @@ def test_evaluate_refuses_bad_input_before_training(tracking_uri, tiny_model_dir
     result = _evaluate(tiny_model_dir, "--data", "diabetes", "--seeds", "1")
     assert result.exit_code != 0
     assert "seeds must be between 2 and 1000, got 1" in result.output
+    result = _evaluate(tiny_model_dir, "--data", "diabetes", "--seeds", "2")
+    assert result.exit_code != 0
+    assert "evaluate needs seeds >= 3, got 2" in result.output
     result = _evaluate(tiny_model_dir, "--data", "diabetes", "--dropout-passes", "1")
     assert result.exit_code != 0
     assert "dropout_passes must be >= 2" in result.output
@@ -301,8 +304,8 @@ def test_mlflow_run_evaluate_entry_point(tmp_path, tiny_model_dir):
     for leaked in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):  # mlflow.set_experiment exports the id
         env.pop(leaked, None)
     out = tmp_path / "evaluation.json"
-    params = {"data": "diabetes", "model": tiny_model_dir, "seeds": 2, "shots": 24, "epochs": 1, "eval_rows": 20, "k": 16,
-              "out": str(out)}
+    params = {"data": "diabetes", "model": tiny_model_dir, "seeds": 3, "shots": 24, "epochs": 1, "eval_rows": 20, "k": 16,
+              "perturb": "pooled", "out": str(out)}
     command = [sys.executable, "-m", "mlflow", "run", str(Path(__file__).resolve().parent.parent), "-e", "evaluate",
                "--env-manager", "local", "--experiment-name", "mlproject-evaluate"]
     for key, value in params.items():
@@ -310,7 +313,7 @@ def test_mlflow_run_evaluate_entry_point(tmp_path, tiny_model_dir):
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     written = json.loads(out.read_text())
-    assert REQUIRED_KEYS <= set(written) and written["seeds"] == 2
+    assert REQUIRED_KEYS <= set(written) and written["seeds"] == 3 and written["perturb"] == "pooled"
     mlflow.set_tracking_uri(uri)
     try:
         run = mlflow.get_run(written["parent_run_id"])

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mlflow_tabcons.evaluation.baselines import dropout_measure, mc_dropout_probabilities
-from mlflow_tabcons.errors import check_int
+from mlflow_tabcons.errors import TabconsInputError, check_int
 from mlflow_tabcons.evaluation.intervals import DEFAULT_RESAMPLES
 from mlflow_tabcons.evaluation.measures import assess_measures, ground_truth, json_ready, markdown_table, members_summary
 from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ConsistencyScores, ScorerSettings
@@ -149,6 +149,9 @@ def _flat_metrics(result: dict[str, Any]) -> dict[str, float]:
 def run_evaluation(config: TrainingConfig, *, dropout_passes: int = 20, out: str | Path | None = None) -> dict[str, Any]:
     """Train, score and evaluate; log everything into the ensemble's parent run; optionally write the JSON."""
     check_int("dropout_passes", dropout_passes, minimum=2)
+    if config.seeds < 3:
+        raise TabconsInputError(f"evaluate needs seeds >= 3, got {config.seeds}: the truth is the spread among the "
+                                "members other than the reference, so at least two of them")
     outcome = run_training(config)
     result, per_row = evaluate_outcome(outcome, dropout_passes=dropout_passes, dropout_seed=config.scorer.seed)
     title = f"{result['dataset']}, {result['shots']} shots, {result['seeds']} members"
