@@ -332,3 +332,19 @@ def test_verified_target_reads_verifier_evidence_and_compares_churn_on_the_holdo
     churny = new_version(client, "credit", role="verifier", arbitrariness=None, lower=0.95, digest=holdout, predictions="0011")
     assert "max_churn (against version 3): 0.5000 > 0.3000" in refusal(
         client.set_registered_model_alias, "credit", "champion", churny.version)
+
+
+def test_break_glass_and_promote_commands(client, database_uri, policy_file, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlflow_tabcons.cli import cli
+
+    policy_file.write_text(BREAK_GLASS_POLICY)
+    weak = new_version(client, "credit", lower=0.6)
+    registry = ["--registry-uri", "tabcons+" + database_uri]
+    _as(monkeypatch, "cro-anna")
+    armed = CliRunner().invoke(cli, ["break-glass", "credit", str(weak.version), "champion", "--justification", "INC-5"] + registry)
+    assert armed.exit_code == 0 and "another identity may now promote it" in armed.output, armed.output
+    _as(monkeypatch, "engineer-ben")
+    promoted = CliRunner().invoke(cli, ["promote", "credit", str(weak.version), "champion"] + registry)
+    assert promoted.exit_code == 0 and "allowed by break-glass" in promoted.output, promoted.output
