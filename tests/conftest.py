@@ -39,7 +39,7 @@ def build_tiny_checkpoint(path: Path, *, layers: int = 2, hidden: int = 32, seed
     """A randomly initialised BERT with the real MiniLM tokenizer, saved as a local checkpoint."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from mlflow_tabcons.members.classifier import resolve_model_path
+    from mlflow_tabcons.members.checkpoints import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(seed)
@@ -209,11 +209,11 @@ def build_tabcons_model(model_dir: str, *, seed: int = 0, k: int = 16):
     from mlflow_tabcons.scoring.consistency import ScorerSettings
     from mlflow_tabcons.data.tables import load_dataset
     from mlflow_tabcons.flavor import TabconsModel
-    from mlflow_tabcons.members.classifier import ClassifierSpec, LoraSettings, build_classifier, load_encoder, load_tokenizer
+    from mlflow_tabcons.members.classifier import ClassifierSpec, LoraSettings, build_classifier, load_base_model, load_tokenizer
     from mlflow_tabcons.data.serialize import RowSerializer
 
     dataset = load_dataset("diabetes")
-    classifier = build_classifier(load_encoder(model_dir), len(dataset.labels), lora=LoraSettings(), seed=seed).eval()
+    classifier = build_classifier(load_base_model(model_dir), len(dataset.labels), lora=LoraSettings(), seed=seed).eval()
     return TabconsModel(
         classifier=classifier,
         spec=ClassifierSpec(len(dataset.labels), base_model=model_dir),

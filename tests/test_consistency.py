@@ -6,7 +6,7 @@ from mlflow_tabcons.scoring.bounds import empirical_bernstein_lcb
 from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ScorerSettings, TorchBackend
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.training import encode
-from mlflow_tabcons.members.classifier import LoraSettings, build_classifier, load_encoder, load_tokenizer
+from mlflow_tabcons.members.classifier import LoraSettings, build_classifier, load_base_model, load_tokenizer
 
 
 class RecordingBackend:
@@ -90,7 +90,7 @@ def test_early_stopping_decides_the_same_and_saves_passes():
 
 def test_scores_stay_in_range_on_a_real_tiny_model(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
-    classifier = build_classifier(load_encoder(tiny_model_dir), 2, lora=LoraSettings(), seed=0)
+    classifier = build_classifier(load_base_model(tiny_model_dir), 2, lora=LoraSettings(), seed=0)
     rows = encode(tokenizer, ["age: 42. job: clerk.", "age: 7.", "x: 1. y: 2. z: 3."], None, 64).input_ids
     scores = ConsistencyScorer(TorchBackend(classifier), ScorerSettings(k=32, sigma=0.5)).score(rows)
     assert np.all((-1 <= scores.consistency) & (scores.consistency <= 1))
@@ -130,7 +130,7 @@ def test_empty_input_is_refused():
 
 
 def test_bfloat16_passes_stay_close_to_float32_and_differ_from_them(tiny_model_dir):
-    classifier = build_classifier(load_encoder(tiny_model_dir), 2, lora=LoraSettings(), seed=0)
+    classifier = build_classifier(load_base_model(tiny_model_dir), 2, lora=LoraSettings(), seed=0)
     embeddings = torch.randn(6, 9, classifier.config.hidden_size)
     mask = torch.ones(6, 9, dtype=torch.long)
     mask[3:, 5:] = 0
@@ -142,6 +142,6 @@ def test_bfloat16_passes_stay_close_to_float32_and_differ_from_them(tiny_model_d
 
 
 def test_an_unknown_precision_is_refused(tiny_model_dir):
-    classifier = build_classifier(load_encoder(tiny_model_dir), 2, lora=LoraSettings(), seed=0)
+    classifier = build_classifier(load_base_model(tiny_model_dir), 2, lora=LoraSettings(), seed=0)
     with pytest.raises(TabconsInputError, match="precision must be one of"):
         TorchBackend(classifier, precision="float16")

@@ -4,8 +4,9 @@ import torch
 from torch import nn
 
 from mlflow_tabcons.members.dropout import FastDropout, fast_dropout
-from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, encode, pad
-from mlflow_tabcons.members.classifier import LoraSettings, build_classifier, load_encoder, load_tokenizer
+from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, encode
+from mlflow_tabcons.members.batching import pad
+from mlflow_tabcons.members.classifier import LoraSettings, build_classifier, load_base_model, load_tokenizer
 
 SCALE = 65536 / (65536 - 6554)  # p = 0.1 rounded to 6554 / 65536
 
@@ -58,7 +59,7 @@ def test_fast_dropout_swaps_every_dropout_in_and_restores_the_originals():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return load_tokenizer(tiny_model_dir), load_encoder(tiny_model_dir)
+    return load_tokenizer(tiny_model_dir), load_base_model(tiny_model_dir)
 
 
 def test_attention_switch_gives_the_same_logits_and_switches_back(tiny):

@@ -206,7 +206,7 @@ def test_a_bad_registered_name_is_refused_before_training(tracking_uri, tiny_mod
 
 @pytest.mark.slow
 def test_real_minilm_weights_round_trip_through_the_flavor(tmp_path, diabetes_features):
-    from mlflow_tabcons.members.classifier import resolve_model_path
+    from mlflow_tabcons.members.checkpoints import resolve_model_path
 
     model = build_tabcons_model(resolve_model_path("minilm"), k=8)
     rows = diabetes_features.head(3)

@@ -2,13 +2,14 @@ import numpy as np
 import pytest
 import torch
 
-from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, adjust_class_prior, encode, pad
+from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, adjust_class_prior, encode
+from mlflow_tabcons.members.batching import pad
 from mlflow_tabcons.members.classifier import (
     ClassifierSpec,
     LoraSettings,
     build_classifier,
     load_classifier,
-    load_encoder,
+    load_base_model,
     load_tokenizer,
     save_classifier,
     with_attention_dropout,
@@ -20,7 +21,7 @@ TEXTS = ["age: 42. job: clerk.", "age: 7.", "plasma glucose: 86. age: 24. Yes or
 
 @pytest.fixture(scope="module")
 def parts(tiny_model_dir):
-    return load_tokenizer(tiny_model_dir), load_encoder(tiny_model_dir)
+    return load_tokenizer(tiny_model_dir), load_base_model(tiny_model_dir)
 
 
 def test_frozen_prefix_path_equals_the_full_forward(parts):
@@ -106,8 +107,8 @@ def test_class_prior_must_be_known():
 def test_cached_prefix_and_plain_training_agree_without_dropout(parts, tiny_model_dir):
     """The cache is an optimisation: with dropout off it must train the same member."""
     tokenizer, _ = parts
-    base = load_encoder(tiny_model_dir)
-    for module in base.modules():
+    base = load_base_model(tiny_model_dir)
+    for module in base.backbone.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     rows = encode(tokenizer, TEXTS * 2, np.array([0, 1, 0, 1] * 2), 64)
@@ -142,7 +143,8 @@ def test_unknown_model_is_a_clear_error():
 
 
 def test_attention_dropout_is_rebuilt_with_the_same_weights(parts):
-    tokenizer, base = parts
+    tokenizer, base_model = parts
+    base = base_model.backbone
     assert base.config.attention_probs_dropout_prob == pytest.approx(0.1)
     quiet = with_attention_dropout(base, 0.0)
     assert quiet is not base and quiet.config.attention_probs_dropout_prob == 0.0

@@ -10,7 +10,7 @@ from test_consistency import RecordingBackend
 from mlflow_tabcons.data.serialize import RowSerializer
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.flavor import TabconsModel
-from mlflow_tabcons.members.classifier import LoraSettings, build_classifier, load_encoder, load_tokenizer
+from mlflow_tabcons.members.classifier import LoraSettings, build_classifier, load_base_model, load_tokenizer
 from mlflow_tabcons.members.training import encode
 from mlflow_tabcons.scoring.consistency import PERTURB_SITES, ConsistencyScorer, ScorerSettings, TorchBackend, neighbour_directions
 from mlflow_tabcons.tracking.config import TrainingConfig
@@ -18,7 +18,7 @@ from mlflow_tabcons.tracking.config import TrainingConfig
 
 @pytest.fixture(scope="module")
 def classifier(tiny_model_dir):
-    return build_classifier(load_encoder(tiny_model_dir), 2, lora=LoraSettings(layers=2), seed=0).eval()
+    return build_classifier(load_base_model(tiny_model_dir), 2, lora=LoraSettings(layers=2), seed=0).eval()
 
 
 def test_the_head_alone_finishes_the_pooled_path(classifier):

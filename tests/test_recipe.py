@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.members.classifier import load_encoder, load_tokenizer
+from mlflow_tabcons.members.classifier import load_base_model, load_tokenizer
 from mlflow_tabcons.members.recipe import STEPS, SearchSettings, Trial, planned_trials, search_recipe
 from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, encode
 
@@ -17,7 +17,7 @@ LABELS = np.array([1, 0, 1, 0] * 4)
 
 @pytest.fixture(scope="module")
 def parts(tiny_model_dir):
-    return load_tokenizer(tiny_model_dir), load_encoder(tiny_model_dir)
+    return load_tokenizer(tiny_model_dir), load_base_model(tiny_model_dir)
 
 
 def _rows(tokenizer, texts):

@@ -55,15 +55,15 @@ def test_each_member_logs_weights_that_reload_to_the_same_probabilities(tracking
     with pytest.raises(Exception, match="FINISHED with every member"):
         resumable_parent(parent.info.run_id)
     config = stored_config(parent)
-    assert config.seeds == 2 and config.train.epochs == 1 and config.train.lora.target_modules == ("query", "key", "value", "dense")
+    assert config.seeds == 2 and config.train.epochs == 1 and config.train.lora.target_modules == ()
 
-    from mlflow_tabcons.members.classifier import load_encoder
+    from mlflow_tabcons.members.classifier import load_base_model
 
     settings, numbers = stored_recipe(parent)  # what the recipe search chose: the members' own settings
     assert settings.epochs == 1 and numbers in ("plain", "words")
     config = replace(config, train=settings, numbers=numbers)
     data = prepare_data(config)
-    trainer = EnsembleTrainer(load_encoder(tiny_model_dir), 2, config.train, data.train, data.validation)
+    trainer = EnsembleTrainer(load_base_model(tiny_model_dir), 2, config.train, data.train, data.validation)
     table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
     for seed, child in children.items():
         member = load_member(trainer, child)

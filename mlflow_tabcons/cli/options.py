@@ -16,7 +16,8 @@ from mlflow.exceptions import MlflowException
 from mlflow_tabcons.scoring.bounds import BOUNDS
 from mlflow_tabcons.scoring.consistency import NOISES, PERTURB_SITES, PRECISIONS, SIGMA_MODES, ScorerSettings
 from mlflow_tabcons.members.training import CLASS_PRIORS, RESAMPLING, TRAIN_PRECISIONS, TrainSettings
-from mlflow_tabcons.members.classifier import DEFAULT_MODEL, LoraSettings
+from mlflow_tabcons.members.classifier import HEADS, LoraSettings
+from mlflow_tabcons.members.checkpoints import DEFAULT_MODEL, SMOLLM2
 from mlflow_tabcons.tracking.config import TrainingConfig
 from mlflow_tabcons.flavor.packaged import BACKENDS
 from mlflow_tabcons.tracking.config import DEFAULT_REGISTER
@@ -72,7 +73,11 @@ training_options = _stack(
     click.option("--epochs", type=int, default=_DEFAULT_TRAIN.epochs, show_default=True,
                  help="Training epochs; with --recipe auto, the most a trial trains (early stopping picks fewer)."),
     click.option("--model", default=_DEFAULT_CONFIG.model, show_default=True,
-                 help=f"Hugging Face checkpoint (local dir or hub id); '{DEFAULT_MODEL}' is the packaged offline MiniLM-L6."),
+                 help=f"Hugging Face checkpoint (local dir or hub id): an encoder, decoder or encoder-decoder; "
+                      f"'{DEFAULT_MODEL}' is the packaged offline MiniLM-L6, '{SMOLLM2}' the packaged SmolLM2-135M-Instruct."),
+    click.option("--head", type=click.Choice(HEADS), default=_DEFAULT_TRAIN.head, show_default=True,
+                 help="verbalizer: the language model's scores of the answer words; linear: a fresh linear head; "
+                      "auto: the verbalizer for decoders and encoder-decoders, linear for encoders."),
     click.option("--batch-size", type=int, default=_DEFAULT_TRAIN.batch_size, show_default=True),
     click.option("--lr", "learning_rate", type=float, default=_DEFAULT_TRAIN.learning_rate, show_default=True,
                  help="Learning rate of the LoRA adapters."),
@@ -86,8 +91,8 @@ training_options = _stack(
     click.option("--lora-rank", type=int, default=_DEFAULT_LORA.rank, show_default=True),
     click.option("--lora-alpha", type=float, default=_DEFAULT_LORA.alpha, show_default=True),
     click.option("--lora-dropout", type=float, default=_DEFAULT_LORA.dropout, show_default=True),
-    click.option("--lora-modules", default=",".join(_DEFAULT_LORA.target_modules), show_default=True,
-                 help="Comma-separated module names LoRA wraps."),
+    click.option("--lora-modules", default=",".join(_DEFAULT_LORA.target_modules), callback=_blank_is_none,
+                 help="Comma-separated module names LoRA wraps (default: peft's for the model type)."),
     click.option("--lora-layers", type=int, default=_DEFAULT_LORA.layers, show_default=True,
                  help="Wrap only the top N layers (0: all); the frozen layers below are computed once."),
     click.option("--attention-dropout", type=float, default=_DEFAULT_TRAIN.attention_dropout, show_default=True,
@@ -150,7 +155,7 @@ ensemble_options = _stack(data_options, training_options, scorer_options, experi
 
 
 def train_settings_from_options(options: dict[str, Any]) -> TrainSettings:
-    modules = tuple(m.strip() for m in options["lora_modules"].split(",") if m.strip())
+    modules = tuple(m.strip() for m in (options["lora_modules"] or "").split(",") if m.strip())
     lora = LoraSettings(
         rank=options["lora_rank"],
         alpha=options["lora_alpha"],
@@ -167,6 +172,7 @@ def train_settings_from_options(options: dict[str, Any]) -> TrainSettings:
         class_prior=options["class_prior"],
         resample=options["resample"],
         precision=options["train_precision"],
+        head=options["head"],
         attention_dropout=None if options["attention_dropout"] < 0 else options["attention_dropout"],
         lora=lora,
     )

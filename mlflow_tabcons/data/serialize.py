@@ -170,6 +170,8 @@ class RowSerializer:
 
     ``text`` is TabLLM's template ("The age is 42."); ``compact`` ("age: 42.")
     reads the same facts in fewer tokens, which is what every forward pass pays for.
+    ``answer_cue`` ("Answer:") ends the text for generative members, which read
+    their answer word right after it; encoders have none.
     """
 
     columns: Sequence[str]
@@ -177,6 +179,7 @@ class RowSerializer:
     question: str | None = None
     template: Template = "compact"
     numbers: NumberWords | None = None
+    answer_cue: str | None = None
 
     def __post_init__(self) -> None:
         check_choice("template", self.template, TEMPLATES)
@@ -208,6 +211,8 @@ class RowSerializer:
             at += len(parts[-1]) + 1  # the joining space
         if self.question:
             parts.append(self.question)
+        if self.answer_cue:
+            parts.append(self.answer_cue)
         return " ".join(parts), spans
 
     def _records(self, frame: pd.DataFrame) -> list[dict[str, Any]]:
@@ -231,6 +236,7 @@ class RowSerializer:
             "question": self.question,
             "template": self.template,
             "numbers": self.numbers.to_dict() if self.numbers else None,
+            "answer_cue": self.answer_cue,
         }
 
     @classmethod
@@ -241,4 +247,5 @@ class RowSerializer:
             question=data.get("question"),
             template=data.get("template", "compact"),
             numbers=NumberWords.from_dict(data["numbers"]) if data.get("numbers") is not None else None,
+            answer_cue=data.get("answer_cue"),
         )

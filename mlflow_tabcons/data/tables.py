@@ -23,6 +23,7 @@ import pandas as pd
 import yaml
 
 from mlflow_tabcons.errors import TabconsInputError, check_int
+from mlflow_tabcons.data.answers import label_words
 from mlflow_tabcons.data.serialize import DataDictionary
 
 OPENML_PREFIX = "openml:"
@@ -38,6 +39,8 @@ class TabularDataset:
     dictionary: DataDictionary = field(default_factory=DataDictionary)
     question: str | None = None
     source: str = ""
+    # label -> the word a generative member answers with (see data/answers.py)
+    answers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def features(self) -> list[str]:
@@ -47,6 +50,11 @@ class TabularDataset:
     def labels(self) -> list[Any]:
         """Class labels in a fixed order: the index of a label is its class id."""
         return sorted(self.frame[self.target].unique().tolist(), key=str)
+
+    @property
+    def label_words(self) -> list[str]:
+        """The answer word of each label, in the labels' order (docs/models.md, "Verbalizer")."""
+        return label_words(self.labels, self.target, self.dictionary, self.answers)
 
     def encode_labels(self, frame: pd.DataFrame) -> np.ndarray:
         index = {label: i for i, label in enumerate(self.labels)}
@@ -113,12 +121,15 @@ def load_dataset(
         spec = _builtin_spec(spec_name)
         frame, default_target, provenance = loader(), spec["target"], spec["source"]
         default_question, default_dictionary = spec.get("question"), spec.get("columns")
+        answers = spec.get("answers") or {}
     elif source.startswith(OPENML_PREFIX):
         frame, default_target = _load_openml(source[len(OPENML_PREFIX):])
         provenance, default_question, default_dictionary = f"OpenML {source}", None, None
+        answers = {}
     else:
         frame, default_target = _read_file(source), None
         provenance, default_question, default_dictionary = str(Path(source).resolve()), None, None
+        answers = {}
     target = target or default_target
     if target is None:
         raise TabconsInputError(f"{source}: say which column to predict with --target")
@@ -130,6 +141,7 @@ def load_dataset(
             dictionary=DataDictionary.from_dict(_dictionary_mapping(dictionary) or default_dictionary),
             question=question if question is not None else default_question,
             source=provenance,
+            answers={str(label): str(word) for label, word in answers.items()},
         )
     )
 
@@ -226,7 +238,7 @@ def _validated(dataset: TabularDataset) -> TabularDataset:
     if len(frame.columns) < 2:
         raise TabconsInputError(f"dataset {dataset.name!r} has no feature columns besides the target {target!r}")
     frame = frame.reset_index(drop=True)
-    return TabularDataset(dataset.name, frame, target, dataset.dictionary, dataset.question, dataset.source)
+    return TabularDataset(dataset.name, frame, target, dataset.dictionary, dataset.question, dataset.source, dataset.answers)
 
 
 def split_dataset(

@@ -17,7 +17,7 @@ from torch import nn
 
 from mlflow_tabcons.metrics import multiplicity
 from mlflow_tabcons.errors import TabconsInputError, check_int
-from mlflow_tabcons.members.training import pad
+from mlflow_tabcons.members.batching import pad
 from mlflow_tabcons.members.classifier import TabularClassifier
 
 

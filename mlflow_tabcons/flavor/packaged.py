@@ -204,7 +204,7 @@ class TabconsModel:
         return cls(
             classifier=classifier,
             spec=spec,
-            tokenizer=load_tokenizer(str(directory / TOKENIZER_DIR)),
+            tokenizer=load_tokenizer(str(directory / TOKENIZER_DIR), spec.family),
             serializer=RowSerializer.from_dict(config["serializer"]),
             labels=list(config["labels"]),
             settings=settings,

@@ -19,10 +19,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
-from torch import nn
 from tqdm.auto import tqdm
 
 from mlflow_tabcons.errors import TabconsInputError, check_int
+from mlflow_tabcons.members.classifier import BaseModel
 from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, TrainSettings
 
 logger = logging.getLogger(__name__)
@@ -109,17 +109,18 @@ def planned_trials(numbers: Sequence[str], budget: int) -> int:
 
 
 def run_trial(
-    base_encoder: nn.Module,
+    base_model: BaseModel,
     num_labels: int,
     settings: TrainSettings,
     rows: tuple[EncodedRows, EncodedRows],
     search: SearchSettings,
     *,
     device: str = "cpu",
+    answer_ids: Sequence[int] | None = None,
 ) -> tuple[float, float, float, int]:
     """Train ``settings`` once per search seed with early stopping; mean validation AUROC, accuracy, loss, best epoch."""
     train, validation = rows
-    trainer = EnsembleTrainer(base_encoder, num_labels, settings, train, validation, device=device)
+    trainer = EnsembleTrainer(base_model, num_labels, settings, train, validation, device=device, answer_ids=answer_ids)
     bests = []
     for seed in search.seeds:
         history: list[dict[str, float]] = []
@@ -141,13 +142,14 @@ def run_trial(
 
 
 def search_recipe(
-    base_encoder: nn.Module,
+    base_model: BaseModel,
     num_labels: int,
     base: TrainSettings,
     rows_by_numbers: Mapping[str, tuple[EncodedRows, EncodedRows]],
     search: SearchSettings | None = None,
     *,
     device: str = "cpu",
+    answer_ids: Sequence[int] | None = None,
     on_trial: Callable[[Trial, int, int], None] | None = None,
 ) -> RecipeChoice:
     """Choose member settings and number style on the validation rows.
@@ -171,7 +173,7 @@ def search_recipe(
     def attempt(name: str, numbers: str, settings: TrainSettings) -> Trial:
         begun = time.perf_counter()
         try:
-            scores = run_trial(base_encoder, num_labels, settings, rows_by_numbers[numbers], search, device=device)
+            scores = run_trial(base_model, num_labels, settings, rows_by_numbers[numbers], search, device=device, answer_ids=answer_ids)
             trial = Trial(name, numbers, settings, *scores, time.perf_counter() - begun)
         except Exception as error:  # a recipe that cannot train (out of memory, ...) is skipped, not fatal
             logger.exception("recipe trial %r failed", name)

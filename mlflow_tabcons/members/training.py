@@ -1,9 +1,9 @@
 """Fine-tuning a seed ensemble of LoRA members (docs/method.md, "Ground truth").
 
 ``EnsembleTrainer`` holds what the members share: the tokenized rows, the
-frozen base encoder and, when LoRA wraps only the top layers, the output of
-the frozen layers below them, computed once for every row and reused by every
-epoch of every member. Members differ in seed: LoRA and head initialization,
+frozen base model and, when LoRA wraps only the top layers, the output of
+the frozen layers below them (members/prefix.py), computed once for every row
+and reused by every epoch of every member. Members differ in seed: LoRA and head initialization,
 data order, dropout, and optionally which training rows they see.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -21,7 +21,17 @@ from tqdm.auto import tqdm
 
 from mlflow_tabcons.members.dropout import fast_dropout
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
-from mlflow_tabcons.members.classifier import LoraSettings, TabularClassifier, build_classifier, with_attention_dropout
+from mlflow_tabcons.members.batching import pad
+from mlflow_tabcons.members.classifier import (
+    HEADS,
+    BaseModel,
+    LoraSettings,
+    TabularClassifier,
+    build_classifier,
+    resolve_head,
+    with_attention_dropout,
+)
+from mlflow_tabcons.members.prefix import compute_prefix
 
 RESAMPLING = ("none", "bootstrap", "subsample")
 CLASS_PRIORS = ("data", "uniform")
@@ -42,6 +52,8 @@ class TrainSettings:
     # which class frequencies the trained member's probabilities assume; see adjust_class_prior
     class_prior: str = "data"
     max_length: int = 256
+    # auto: the verbalizer for generative models, a linear head for encoders
+    head: str = "auto"
     pooling: str = "mean"
     head_dropout: float = 0.1
     # None keeps the checkpoint's value; 0 keeps SDPA on its fused kernel (see with_attention_dropout)
@@ -62,6 +74,7 @@ class TrainSettings:
         check_float("warmup", self.warmup, low=0.0, high=1.0, high_open=True)
         check_choice("class_weight", self.class_weight, ("balanced", "none"))
         check_choice("class_prior", self.class_prior, CLASS_PRIORS)
+        check_choice("head", self.head, HEADS)
         check_int("max_length", self.max_length, minimum=8, maximum=8192)
         check_choice("resample", self.resample, RESAMPLING)
         check_choice("precision", self.precision, TRAIN_PRECISIONS)
@@ -116,17 +129,6 @@ def _overlaps(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int
     return hit.any(dim=1)
 
 
-def pad(rows: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad 1-D (ids) or 2-D (hidden states) rows; return the batch and its attention mask."""
-    length = max(row.shape[0] for row in rows)
-    batch = rows[0].new_full((len(rows), length, *rows[0].shape[1:]), value)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        batch[i, : row.shape[0]] = row
-        mask[i, : row.shape[0]] = 1
-    return batch, mask
-
-
 @dataclass
 class Member:
     """One fine-tuned model of the ensemble and how its training went."""
@@ -163,45 +165,59 @@ def adjust_class_prior(head: nn.Linear, labels: np.ndarray, num_labels: int, cla
 
 
 class EnsembleTrainer:
-    """Trains members that share a base encoder, tokenized rows and frozen-prefix cache."""
+    """Trains members that share a base model, tokenized rows and frozen-prefix cache.
+
+    ``answer_ids`` are the verbalizer's answer tokens, one per class (see
+    ``answer_token_ids``); the linear head needs none.
+    """
 
     def __init__(
         self,
-        base_encoder: nn.Module,
+        base: BaseModel,
         num_labels: int,
         settings: TrainSettings,
         train: EncodedRows,
         validation: EncodedRows | None = None,
         *,
         device: str = "cpu",
+        answer_ids: Sequence[int] | None = None,
     ) -> None:
         if len(train) == 0:
             raise TabconsInputError("no training rows")
         if np.any(train.labels < 0):
             raise TabconsInputError("every training row needs a label")
-        self.base_encoder = with_attention_dropout(base_encoder, settings.attention_dropout).to(device).eval()
-        for parameter in self.base_encoder.parameters():
+        backbone = with_attention_dropout(base.backbone, settings.attention_dropout).to(device).eval()
+        for parameter in backbone.parameters():
             parameter.requires_grad_(False)
+        self.base = replace(base, backbone=backbone)
+        self.head = resolve_head(settings.head, base.family)
+        self.answer_ids = list(answer_ids) if answer_ids is not None and self.head == "verbalizer" else None
         self.num_labels = num_labels
         self.settings = settings
         self.train = train
         self.validation = validation
         self.device = device
-        probe = TabularClassifier(self.base_encoder, num_labels, pooling=settings.pooling)
-        self.depth = probe.prefix_layers(settings.lora.layers) if settings.cache_prefix else 0
-        self._train_prefix = self._prefix(probe, train) if self.depth else None
-        self._validation_prefix = self._prefix(probe, validation) if self.depth and validation else None
+        self.depth = self._probe().prefix_layers(settings.lora.layers) if settings.cache_prefix else 0
+        self._train_prefix = self.prefix_for(train)
+        self._validation_prefix = self.prefix_for(validation) if validation else None
 
-    @torch.inference_mode()
-    def _prefix(self, classifier: TabularClassifier, rows: EncodedRows, batch_size: int = 64) -> list[torch.Tensor]:
-        """Per row: hidden states after the frozen layers, unpadded, on the CPU."""
-        out: list[torch.Tensor] = []
-        for start in range(0, len(rows), batch_size):
-            chunk = rows.input_ids[start : start + batch_size]
-            ids, mask = pad(chunk)
-            hidden = classifier.frozen_prefix(ids.to(self.device), mask.to(self.device), self.depth).cpu()
-            out.extend(hidden[i, : len(row)].clone() for i, row in enumerate(chunk))
-        return out
+    def _probe(self) -> TabularClassifier:
+        """The base model without adapters, for the frozen layers' output."""
+        return TabularClassifier(self.base.backbone, self.num_labels, family=self.base.family, pooling=self.settings.pooling)
+
+    def new_classifier(self, seed: int) -> TabularClassifier:
+        """An untrained member with this ensemble's settings, seeded LoRA and head."""
+        settings = self.settings
+        return build_classifier(
+            self.base,
+            self.num_labels,
+            lora=settings.lora,
+            seed=seed,
+            pooling=settings.pooling,
+            head_dropout=settings.head_dropout,
+            head=self.head,
+            answer_ids=self.answer_ids,
+        ).to(self.device)
 
     def _logits(
         self, classifier: TabularClassifier, rows: EncodedRows, prefix: list[torch.Tensor] | None, index: np.ndarray
@@ -243,24 +259,13 @@ class EnsembleTrainer:
         """
         settings = self.settings
         rng = np.random.default_rng(seed)
-        classifier = build_classifier(
-            self.base_encoder,
-            self.num_labels,
-            lora=settings.lora,
-            seed=seed,
-            pooling=settings.pooling,
-            head_dropout=settings.head_dropout,
-        ).to(self.device)
+        classifier = self.new_classifier(seed)
         torch.manual_seed(seed)
         rows = self._member_rows(rng)
         adapter = [p for n, p in classifier.named_parameters() if p.requires_grad and not n.startswith("head.")]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": adapter, "lr": settings.learning_rate},
-                {"params": list(classifier.head.parameters()), "lr": settings.head_learning_rate},
-            ],
-            weight_decay=settings.weight_decay,
-        )
+        head = [p for p in classifier.head.parameters() if p.requires_grad]  # none for the verbalizer
+        groups = [{"params": adapter, "lr": settings.learning_rate}, {"params": head, "lr": settings.head_learning_rate}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=settings.weight_decay)
         steps = settings.epochs * math.ceil(len(rows) / settings.batch_size)
         warmup = max(1, int(settings.warmup * steps))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -308,10 +313,10 @@ class EnsembleTrainer:
         return Member(seed=seed, classifier=classifier, history=history, train_rows=rows)
 
     def prefix_for(self, rows: EncodedRows) -> list[torch.Tensor] | None:
-        """The frozen-prefix cache for other rows (e.g. the evaluation set), shared by all members."""
+        """The frozen-prefix cache for any rows (training, the evaluation set), shared by all members."""
         if not self.depth:
             return None
-        return self._prefix(TabularClassifier(self.base_encoder, self.num_labels, pooling=self.settings.pooling), rows)
+        return compute_prefix(self._probe(), rows.input_ids, self.depth, device=self.device)
 
     @torch.inference_mode()
     def predict_proba(

@@ -32,14 +32,13 @@ from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, 
 from mlflow_tabcons.evaluation.intervals import DEFAULT_RESAMPLES
 from mlflow_tabcons.evaluation.measures import assess_measures, ground_truth, json_ready, members_summary
 from mlflow_tabcons.evaluation.objective import Objective, choose
-from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path
 from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, Member, TrainSettings
 from mlflow_tabcons.runtime import configure_threads, default_device
 from mlflow_tabcons.scoring.consistency import NOISES, PERTURB_SITES, ConsistencyScorer, ScorerSettings
 from mlflow_tabcons.tracking.config import TrainingConfig
 from mlflow_tabcons.tracking.plots import new_figure
 from mlflow_tabcons.tracking.prepared import PreparedData, encode_frame, prepare_data
-from mlflow_tabcons.tracking.training_job import experiment_id_for, reference_backend, train_ensemble_members
+from mlflow_tabcons.tracking.training_job import build_trainer, experiment_id_for, reference_backend, train_ensemble_members
 
 logger = logging.getLogger(__name__)
 
@@ -195,9 +194,8 @@ def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None)
                            "grid.min_certified": grid.objective.min_certified})
         device = default_device()
         started = time.perf_counter()
-        # no per-epoch validation: the members are scored on the held-out calibration rows once trained
-        trainer = EnsembleTrainer(load_encoder(resolve_model_path(config.model)), len(data.dataset.labels), config.train,
-                                  data.train, None, device=device)
+        # no per-epoch validation: the members are scored on the (validation) calibration rows once trained
+        trainer = build_trainer(config, data, device, validate=False)
         members, probabilities, failed = train_ensemble_members(trainer, data, config, trainer.prefix_for(rows))
         if len(members) < 3:
             raise TabconsInputError(f"calibration needs at least three trained members (a reference and two others); seeds {failed} failed")

@@ -9,7 +9,7 @@ from typing import Any
 from mlflow_tabcons.data.serialize import NUMBER_STYLES, TEMPLATES
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
 from mlflow_tabcons.flavor.packaged import BACKENDS, check_backend_precision
-from mlflow_tabcons.members.classifier import DEFAULT_MODEL
+from mlflow_tabcons.members.checkpoints import DEFAULT_MODEL
 from mlflow_tabcons.members.recipe import RECIPE_MODES, SearchSettings
 from mlflow_tabcons.members.training import TrainSettings
 from mlflow_tabcons.scoring.consistency import INPUT_SITES, ScorerSettings

@@ -12,7 +12,9 @@ import torch
 from mlflow_tabcons.data.serialize import NUMBER_STYLES, NumberWords, RowSerializer
 from mlflow_tabcons.data.tables import TabularDataset, few_shot, load_dataset, split_dataset, stratified_sample
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.members.classifier import load_tokenizer, resolve_model_path
+from mlflow_tabcons.members.checkpoints import resolve_model_path
+from mlflow_tabcons.members.classifier import ANSWER_CUE, answer_token_ids, checkpoint_family, load_tokenizer, resolve_head
+from mlflow_tabcons.members.families import GENERATIVE
 from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, Member, encode
 from mlflow_tabcons.scoring.consistency import ConsistencyScores
 from mlflow_tabcons.tracking.config import TrainingConfig
@@ -32,6 +34,8 @@ class PreparedData:
     validation: EncodedRows
     evaluation: EncodedRows
     numbers: str  # how the serializer reads numbers (data.serialize.NUMBER_STYLES)
+    family: str  # the base model's: encoder, decoder or encoder-decoder (members/families.py)
+    answer_ids: list[int] | None  # the verbalizer's answer tokens, one per class; None for a linear head
 
 
 def default_number_style(dataset: TabularDataset) -> str:
@@ -69,7 +73,8 @@ def prepare_data(config: TrainingConfig) -> PreparedData:
         if config.eval_rows
         else split.test
     )
-    tokenizer = load_tokenizer(resolve_model_path(config.model))
+    model_path = resolve_model_path(config.model)
+    tokenizer = load_tokenizer(model_path, checkpoint_family(model_path))
     return serialized(dataset, tokenizer, train_frame, split.validation, eval_frame, config, number_styles(config, dataset)[0])
 
 
@@ -84,7 +89,11 @@ def serialized(
 ) -> PreparedData:
     """The three row sets serialized with ``numbers`` (quantile words are cut on the training rows) and tokenized."""
     words = NumberWords.fit(train_frame, dataset.features) if numbers == "words" else None
-    serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, config.template, words)
+    family = checkpoint_family(resolve_model_path(config.model))
+    cue = ANSWER_CUE if family in GENERATIVE else None
+    serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, config.template, words, answer_cue=cue)
+    verbalizer = resolve_head(config.train.head, family) == "verbalizer"
+    answer_ids = answer_token_ids(tokenizer, dataset.label_words) if verbalizer else None
     max_length = config.train.max_length
 
     def encoded(frame: pd.DataFrame) -> EncodedRows:
@@ -92,7 +101,7 @@ def serialized(
 
     return PreparedData(
         dataset, serializer, tokenizer, train_frame, validation_frame, eval_frame,
-        encoded(train_frame), encoded(validation_frame), encoded(eval_frame), numbers,
+        encoded(train_frame), encoded(validation_frame), encoded(eval_frame), numbers, family, answer_ids,
     )
 
 

@@ -14,7 +14,7 @@ from dataclasses import replace
 import mlflow
 import pandas as pd
 from mlflow.entities import Run
-from torch import nn
+from mlflow_tabcons.members.classifier import BaseModel
 
 from mlflow_tabcons.members.recipe import RecipeChoice, SearchSettings, Trial, search_recipe
 from mlflow_tabcons.tracking import resume
@@ -73,7 +73,7 @@ def log_choice(choice: RecipeChoice, effective: TrainingConfig) -> None:
 def choose_recipe(
     config: TrainingConfig,
     data: PreparedData,
-    base_encoder: nn.Module,
+    base_model: BaseModel,
     *,
     device: str = "cpu",
     resumed: Run | None = None,
@@ -98,12 +98,13 @@ def choose_recipe(
         len(data.validation), search.budget, len(search.seeds), config.train.epochs,
     )
     choice = search_recipe(
-        base_encoder,
+        base_model,
         len(data.dataset.labels),
         config.train,
         {style: (rows.train, rows.validation) for style, rows in prepared.items()},
         search,
         device=device,
+        answer_ids=data.answer_ids,
         on_trial=_report_trial,
     )
     effective = replace(config, train=choice.settings, numbers=choice.numbers)

@@ -41,6 +41,10 @@ def packaged_reference(outcome: TrainingOutcome, config: TrainingConfig) -> Tabc
         head_dropout=train.head_dropout,
         base_model=config.model,
         lora=asdict(train.lora),
+        family=data.family,
+        head=outcome.trainer.head,
+        answer_words=dataset.label_words if data.answer_ids else [],
+        answer_token_ids=list(data.answer_ids or []),
     )
     features = dataset.frame[dataset.features]
     return TabconsModel(

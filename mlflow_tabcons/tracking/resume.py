@@ -26,7 +26,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.members.classifier import build_classifier
 from mlflow_tabcons.members.training import EnsembleTrainer, Member, TrainSettings
 from mlflow_tabcons.tracking.config import TrainingConfig
 
@@ -210,11 +209,7 @@ def load_member(trainer: EnsembleTrainer, run: Run) -> Member:
                 f"finished member run {run.info.run_id} (seed {seed}) has no readable {MEMBER_FILE}: {error}"
             ) from None
         tensors = load_file(path)
-    settings = trainer.settings
-    classifier = build_classifier(
-        trainer.base_encoder, trainer.num_labels, lora=settings.lora, seed=seed,
-        pooling=settings.pooling, head_dropout=settings.head_dropout,
-    ).to(trainer.device)
+    classifier = trainer.new_classifier(seed)
     train_rows = tensors.pop(TRAIN_ROWS_KEY).numpy()
     trainable = {name for name, p in classifier.named_parameters() if p.requires_grad}
     if set(tensors) != trainable:

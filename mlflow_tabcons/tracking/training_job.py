@@ -20,7 +20,8 @@ import torch
 
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.evaluation.classical import classical_baselines
-from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path
+from mlflow_tabcons.members.checkpoints import resolve_model_path
+from mlflow_tabcons.members.classifier import BaseModel, load_base_model
 from mlflow_tabcons.members.training import EnsembleTrainer, Member, TrainSettings
 from mlflow_tabcons.metrics import multiplicity
 from mlflow_tabcons.metrics.classification import classification_scores, majority_rate, members_learned
@@ -180,6 +181,27 @@ def baseline_metrics(data: PreparedData) -> dict[str, float]:
     return {k: v for k, v in scores.items() if np.isfinite(v)}
 
 
+def build_trainer(
+    config: TrainingConfig, data: PreparedData, device: str, *, base: BaseModel | None = None, validate: bool = True
+) -> EnsembleTrainer:
+    """The ensemble trainer for the prepared rows on ``base`` (None: the configured base model, loaded);
+    ``validate``: score the validation rows after every epoch."""
+    base = base or load_base_model(resolve_model_path(config.model))
+    validation = data.validation if validate else None
+    return EnsembleTrainer(
+        base, len(data.dataset.labels), config.train, data.train, validation, device=device, answer_ids=data.answer_ids
+    )
+
+
+def member_description(trainer: EnsembleTrainer, data: PreparedData) -> dict[str, Any]:
+    """What kind of members these are: family, head, answer cue and words (docs/models.md)."""
+    described: dict[str, Any] = {"model_family": data.family, "head": trainer.head}
+    if trainer.head == "verbalizer":
+        described["answer_cue"] = data.serializer.answer_cue
+        described["answer_words"] = ",".join(f"{label}={word}" for label, word in zip(data.dataset.labels, data.dataset.label_words))
+    return described
+
+
 def _log_new_params(run: mlflow.ActiveRun, params: dict[str, Any]) -> None:
     """Log the parameters the run does not have yet.
 
@@ -232,10 +254,11 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
     with _open_parent(config, data, resume_run_id) as parent:
         _log_new_params(parent, {"n_train": len(data.train), "n_eval": len(data.evaluation), "labels": ",".join(map(str, data.dataset.labels))})
         device = default_device()
-        base = load_encoder(resolve_model_path(config.model))
+        base = load_base_model(resolve_model_path(config.model))
         reopened = mlflow.get_run(parent.info.run_id) if resume_run_id else None
         config, data = choose_recipe(config, data, base, device=device, resumed=reopened)  # the members' own recipe
-        trainer = EnsembleTrainer(base, len(data.dataset.labels), config.train, data.train, data.validation, device=device)
+        trainer = build_trainer(config, data, device, base=base)
+        _log_new_params(parent, member_description(trainer, data))
         eval_prefix = trainer.prefix_for(data.evaluation)
         finished = resume.reopen_children(reopened, trainer).members if reopened else {}
         started = time.perf_counter()

@@ -1,0 +1,207 @@
+"""Every member family on tiny random checkpoints: LoRA placement, the verbalizer, the prefix cache, packaging."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mlflow_tabcons.data.answers import label_words
+from mlflow_tabcons.data.serialize import DataDictionary
+from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.members.batching import pad
+from mlflow_tabcons.members.classifier import (
+    LoraSettings,
+    answer_positions,
+    answer_token_ids,
+    build_classifier,
+    load_base_model,
+    load_tokenizer,
+)
+from tiny_models import FAMILY_OF, TINY_KINDS, build_tiny_checkpoint, build_tiny_tokenizer
+
+DECODERS = [kind for kind in TINY_KINDS if FAMILY_OF[kind] == "decoder"]
+GENERATIVE = [kind for kind in TINY_KINDS if FAMILY_OF[kind] != "encoder"]
+TEXTS = ["age: 42. sex: male. Answer:", "age: 7. Answer:", "duration in months: 12. purpose: car. job: skilled. Answer:"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tiny-families")
+    return {kind: str(build_tiny_checkpoint(kind, root / kind, tiny_tokenizer_dir)) for kind in TINY_KINDS}
+
+
+def _member(directory: str, *, layers: int | None = 1, seed: int = 0):
+    base = load_base_model(directory)
+    tokenizer = load_tokenizer(directory, base.family)
+    answer_ids = answer_token_ids(tokenizer, ["no", "yes"]) if base.family != "encoder" else None
+    classifier = build_classifier(base, 2, lora=LoraSettings(layers=layers, dropout=0.0), seed=seed, answer_ids=answer_ids)
+    with torch.no_grad():  # non-trivial adapters: LoRA's B starts at zero
+        for name, parameter in classifier.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
+    return base, tokenizer, classifier.eval()
+
+
+def _ids(tokenizer, texts=TEXTS) -> list[torch.Tensor]:
+    return [torch.tensor(row) for row in tokenizer(texts)["input_ids"]]
+
+
+def _left_pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    flipped, mask = pad([row.flip(0) for row in rows])
+    return flipped.flip(1), mask.flip(1)
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_family_and_lora_placement_come_from_the_architecture(tiny_dirs, kind):
+    from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    base, _, classifier = _member(tiny_dirs[kind], layers=1)
+    assert base.family == FAMILY_OF[kind] and classifier.family == FAMILY_OF[kind]
+    assert classifier.head_kind == ("linear" if kind == "bert" else "verbalizer")
+    wrapped = {name.split(".lora_A")[0] for name, _ in classifier.named_parameters() if "lora_A" in name}
+    assert wrapped, "no adapters"
+    assert {name.rsplit(".", 1)[-1] for name in wrapped} == set(PEFT_DEFAULTS[base.config.model_type])
+    assert all(".1." in name for name in wrapped), f"adapters below the top layer: {sorted(wrapped)}"
+    trainable = {name for name, p in classifier.named_parameters() if p.requires_grad}
+    assert all("lora_" in name or name.startswith("head.") for name in trainable)
+    assert any(name.startswith("head.") for name in trainable) == (kind == "bert")  # the verbalizer stays the LM's own
+
+
+@pytest.mark.parametrize("kind", GENERATIVE)
+def test_verbalizer_reads_the_language_models_answer_scores(tiny_dirs, kind):
+    """Without adapters, the verbalizer's logits are the full language model's logits of ' no' and ' yes'."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    base, tokenizer, _ = _member(tiny_dirs[kind])
+    classifier = build_classifier(base, 2, lora=LoraSettings(), seed=0, answer_ids=answer_token_ids(tokenizer, ["no", "yes"])).eval()
+    answer = answer_token_ids(tokenizer, ["no", "yes"])
+    ids, mask = pad(_ids(tokenizer))
+    auto = AutoModelForCausalLM if base.family == "decoder" else AutoModelForSeq2SeqLM
+    language_model = auto.from_pretrained(tiny_dirs[kind]).eval()
+    with torch.no_grad():
+        if base.family == "decoder":
+            logits = language_model(input_ids=ids, attention_mask=mask).logits
+            expected = logits[torch.arange(len(ids)), answer_positions(mask)][:, answer]
+        else:
+            start = torch.full((len(ids), 1), language_model.config.decoder_start_token_id)
+            expected = language_model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits[:, 0, answer]
+        torch.testing.assert_close(classifier(ids, mask), expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_left_and_right_padding_give_the_same_answer(tiny_dirs, kind):
+    _, tokenizer, classifier = _member(tiny_dirs[kind])
+    rows = _ids(tokenizer)
+    with torch.no_grad():
+        right = classifier(*pad(rows))
+        left = classifier(*_left_pad(rows))
+        alone = torch.cat([classifier(row[None], torch.ones(1, len(row), dtype=torch.long)) for row in rows])
+    torch.testing.assert_close(left, right, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(alone, right, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", [*DECODERS, "bert"])
+def test_frozen_prefix_path_equals_the_uncached_forward(tiny_dirs, kind):
+    _, tokenizer, classifier = _member(tiny_dirs[kind], layers=1)
+    depth = classifier.prefix_layers(1)
+    assert depth == 1
+    ids, mask = pad(_ids(tokenizer))
+    with torch.no_grad():
+        cached = classifier.frozen_prefix(ids, mask, depth)
+        split = classifier.logits_from_prefix(cached, mask, depth)
+        torch.testing.assert_close(split, classifier(ids, mask), atol=1e-5, rtol=1e-4)
+        # the cache is what the upper layers read: other cached states give other logits
+        assert not torch.allclose(classifier.logits_from_prefix(cached + torch.randn_like(cached), mask, depth), split, atol=1e-3)
+    assert classifier.config.num_hidden_layers == 2  # the full stack is back after both halves
+
+
+def test_encoder_decoder_has_no_prefix_cache(tiny_dirs):
+    _, _, classifier = _member(tiny_dirs["t5"], layers=1)
+    assert classifier.prefix_layers(1) == 0
+
+
+def test_answer_words_come_from_the_dictionary_or_read_as_yes_no():
+    assert label_words(["bad", "good"], "risk", DataDictionary(), {"good": "yes", "bad": "no"}) == ["no", "yes"]
+    assert label_words([False, True], "y", DataDictionary()) == ["no", "yes"]
+    assert label_words([0, 1], "y", DataDictionary()) == ["no", "yes"]
+    words = DataDictionary.from_dict({"y": {"text": "outcome", "values": {"a": "approved", "r": "refused"}}})
+    assert label_words(["a", "r"], "y", words) == ["approved", "refused"]
+    with pytest.raises(TabconsInputError, match="no word for label"):
+        label_words(["bad", "good"], "risk", DataDictionary(), {"good": "yes"})
+    with pytest.raises(TabconsInputError, match="distinct"):
+        label_words(["a", "b"], "y", DataDictionary(), {"a": "Yes", "b": "yes"})
+
+
+def test_answer_words_sharing_a_first_token_are_refused(tiny_dirs):
+    tokenizer = load_tokenizer(tiny_dirs["llama"], "decoder")
+    with pytest.raises(TabconsInputError, match="same token"):
+        answer_token_ids(tokenizer, ["yes", "yesterday"])
+
+
+def test_verbalizer_needs_a_generative_model(tiny_dirs):
+    base = load_base_model(tiny_dirs["bert"])
+    with pytest.raises(TabconsInputError, match="generative"):
+        build_classifier(base, 2, lora=LoraSettings(), seed=0, head="verbalizer", answer_ids=[5, 6])
+
+
+@pytest.mark.parametrize("kind", TINY_KINDS)
+def test_tabcons_train_works_with_no_model_specific_flags(tiny_dirs, kind, tracking_uri, tmp_path):
+    """train (+score, register) from the CLI, then the registered model loads and answers through pyfunc."""
+    import mlflow
+    from click.testing import CliRunner
+
+    from mlflow_tabcons.cli import cli
+    from mlflow_tabcons.data.tables import load_dataset
+
+    args = ["train", "--model", tiny_dirs[kind], "--data", "diabetes", "--shots", "24", "--seeds", "2", "--epochs", "1",
+            "--eval-rows", "12", "--k", "4", "--register", f"tiny-{kind}"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "registered the reference member" in result.output
+    run = mlflow.search_runs(filter_string="tags.`tabcons.role` = 'ensemble'", output_format="list")[0]
+    assert run.data.params["model_family"] == FAMILY_OF[kind]
+    if kind != "bert":
+        assert run.data.params["head"] == "verbalizer" and run.data.params["answer_words"] == "No=no,Yes=yes"
+    model = mlflow.pyfunc.load_model(f"models:/tiny-{kind}/1")
+    features = load_dataset("diabetes").frame.drop(columns=["type"]).head(3)
+    answer = model.predict(features, params={"k": 4})
+    assert list(answer.columns) == ["prediction", "probability", "consistency", "consistency_lcb", "certified"]
+    assert set(answer["prediction"]) <= {"No", "Yes"} and answer["probability"].between(0.5, 1.0).all()
+    packaged = model.get_raw_model()
+    assert packaged.spec.family == FAMILY_OF[kind] and packaged.serializer.answer_cue == (None if kind == "bert" else "Answer:")
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+def test_packaged_model_round_trips_for_generative_members(tiny_dirs, kind, tmp_path):
+    from mlflow_tabcons.data.serialize import RowSerializer
+    from mlflow_tabcons.data.tables import load_dataset
+    from mlflow_tabcons.flavor import TabconsModel
+    from mlflow_tabcons.members.classifier import ClassifierSpec
+    from mlflow_tabcons.scoring.consistency import ScorerSettings
+
+    dataset = load_dataset("diabetes")
+    _, tokenizer, classifier = _member(tiny_dirs[kind])
+    model = TabconsModel(
+        classifier=classifier,
+        spec=ClassifierSpec(2, base_model=tiny_dirs[kind]),
+        tokenizer=tokenizer,
+        serializer=RowSerializer(dataset.features, dataset.dictionary, dataset.question, answer_cue="Answer:"),
+        labels=dataset.labels,
+        settings=ScorerSettings(k=8),
+        max_length=128,
+    )
+    model.write(tmp_path / "m")
+    loaded = TabconsModel.read(tmp_path / "m")
+    frame = dataset.frame[dataset.features].head(4)
+    pd.testing.assert_frame_equal(loaded.predict(frame), model.predict(frame), atol=1e-5)
+    assert loaded.spec.family == FAMILY_OF[kind] and loaded.tokenizer.truncation_side == "left"
+    assert np.all(loaded.predict(frame, score=False)["certified"] == False)  # noqa: E712
