@@ -91,7 +91,7 @@ training_options = _stack(
     click.option("--lora-rank", type=int, default=_DEFAULT_LORA.rank, show_default=True),
     click.option("--lora-alpha", type=float, default=_DEFAULT_LORA.alpha, show_default=True),
     click.option("--lora-dropout", type=float, default=_DEFAULT_LORA.dropout, show_default=True),
-    click.option("--lora-modules", default=",".join(_DEFAULT_LORA.target_modules), callback=_blank_is_none,
+    click.option("--lora-modules", default=",".join(_DEFAULT_LORA.target_modules), callback=blank_is_none,
                  help="Comma-separated module names LoRA wraps (default: peft's for the model type)."),
     click.option("--lora-layers", type=int, default=_DEFAULT_LORA.layers, show_default=True,
                  help="Wrap only the top N layers (0: all); the frozen layers below are computed once."),
