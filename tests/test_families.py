@@ -205,3 +205,17 @@ def test_packaged_model_round_trips_for_generative_members(tiny_dirs, kind, tmp_
     pd.testing.assert_frame_equal(loaded.predict(frame), model.predict(frame), atol=1e-5)
     assert loaded.spec.family == FAMILY_OF[kind] and loaded.tokenizer.truncation_side == "left"
     assert np.all(loaded.predict(frame, score=False)["certified"] == False)  # noqa: E712
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
+def test_onnx_export_answers_like_pytorch(tiny_dirs, kind, tmp_path):
+    from mlflow_tabcons.scoring.onnx import OnnxBackend, export_onnx
+
+    _, tokenizer, classifier = _member(tiny_dirs[kind])
+    export_onnx(classifier, tmp_path / "onnx")
+    backend = OnnxBackend(tmp_path / "onnx")
+    ids, mask = pad(_ids(tokenizer))
+    with torch.no_grad():
+        embeddings = classifier.embed(ids)
+        expected = torch.softmax(classifier.logits_from_embeddings(embeddings, mask), dim=-1).numpy()
+    np.testing.assert_allclose(backend.probabilities(embeddings, mask), expected, atol=1e-5)

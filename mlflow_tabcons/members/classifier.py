@@ -154,7 +154,9 @@ class TabularClassifier(nn.Module):
                 inputs_embeds=embeddings, attention_mask=attention_mask, position_ids=positions, use_cache=False
             )
         elif self.family == ENCODER_DECODER:
-            start = torch.full((embeddings.shape[0], 1), self.config.decoder_start_token_id, device=embeddings.device)
+            start = torch.full(
+                (embeddings.shape[0], 1), self.config.decoder_start_token_id, dtype=torch.long, device=embeddings.device
+            )
             output = self.encoder(
                 inputs_embeds=embeddings, attention_mask=attention_mask, decoder_input_ids=start, use_cache=False
             )
