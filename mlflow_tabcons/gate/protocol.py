@@ -109,7 +109,7 @@ def breaches(protocol: Protocol, evidence: Evidence) -> list[str]:
     if evidence.role == TRAINER and evidence.members < protocol.min_members:
         breach("members", evidence.members, f"at least {protocol.min_members}")
     if protocol.members_learned and not evidence.members_learned:
-        who = "every member must beat" if evidence.role == TRAINER else "the model must beat"
+        who = "the members must beat" if evidence.role == TRAINER else "the model must beat"
         breach("members_learned", "false", f"{who} the majority rate on the evaluation rows")
     if protocol.evidence == "verified" and evidence.role != VERIFIER:
         breach("evidence", "signed by the trainer", "measured and signed by the verifier (`tabcons verify`)")
