@@ -205,25 +205,47 @@ def running_server(command: list[str], *, env: dict[str, str], ready_url: str, l
 
 
 def build_tabcons_model(model_dir: str, *, seed: int = 0, k: int = 16):
-    """A packaged diabetes classifier (seeded LoRA and head, not trained): enough to test the flavor fast."""
+    """A packaged diabetes classifier of any family (seeded LoRA and head, not trained): enough to test the flavor fast."""
     from mlflow_tabcons.scoring.consistency import ScorerSettings
     from mlflow_tabcons.data.tables import load_dataset
     from mlflow_tabcons.flavor import TabconsModel
-    from mlflow_tabcons.members.classifier import ClassifierSpec, LoraSettings, build_classifier, load_base_model, load_tokenizer
+    from mlflow_tabcons.members.classifier import (
+        ANSWER_CUE, ClassifierSpec, LoraSettings, answer_token_ids, build_classifier, load_base_model, load_tokenizer,
+    )
     from mlflow_tabcons.data.serialize import RowSerializer
 
     dataset = load_dataset("diabetes")
-    classifier = build_classifier(load_base_model(model_dir), len(dataset.labels), lora=LoraSettings(), seed=seed).eval()
+    base = load_base_model(model_dir)
+    tokenizer = load_tokenizer(model_dir, base.family)
+    generative = base.family != "encoder"
+    answer_ids = answer_token_ids(tokenizer, dataset.label_words) if generative else None
+    classifier = build_classifier(base, len(dataset.labels), lora=LoraSettings(), seed=seed, answer_ids=answer_ids).eval()
     return TabconsModel(
         classifier=classifier,
         spec=ClassifierSpec(len(dataset.labels), base_model=model_dir),
-        tokenizer=load_tokenizer(model_dir),
-        serializer=RowSerializer(dataset.features, dataset.dictionary, dataset.question),
+        tokenizer=tokenizer,
+        serializer=RowSerializer(dataset.features, dataset.dictionary, dataset.question, answer_cue=ANSWER_CUE if generative else None),
         labels=dataset.labels,
         settings=ScorerSettings(k=k),
         max_length=128,
         required=list(dataset.features),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> dict[str, str]:
+    """Tiny random checkpoints of every family: llama, qwen2, gpt2 (decoders), t5, bert."""
+    from tiny_models import TINY_KINDS, build_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny-families")
+    return {kind: str(build_tiny_checkpoint(kind, root / kind, tiny_tokenizer_dir)) for kind in TINY_KINDS}
 
 
 @pytest.fixture(scope="session")

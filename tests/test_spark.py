@@ -7,7 +7,7 @@ import sys
 import mlflow
 import numpy as np
 import pytest
-from conftest import require_service
+from conftest import build_tabcons_model, require_service
 
 from mlflow_tabcons import flavor
 
@@ -39,10 +39,12 @@ def spark():
     session.stop()
 
 
-@pytest.fixture(scope="module")
-def model_path(tabcons_model, diabetes_features, tmp_path_factory):
+@pytest.fixture(scope="module", params=["encoder", "decoder"])
+def model_path(request, tabcons_model, diabetes_features, tmp_path_factory):
+    """The packaged tiny BERT, and a tiny Llama read through its verbalizer."""
+    model = tabcons_model if request.param == "encoder" else build_tabcons_model(request.getfixturevalue("tiny_dirs")["llama"])
     path = tmp_path_factory.mktemp("spark-model") / "model"
-    flavor.save_model(tabcons_model, path, input_example=diabetes_features.head(2))
+    flavor.save_model(model, path, input_example=diabetes_features.head(2))
     return str(path)
 
 

@@ -111,8 +111,9 @@ def load_dataset(
 ) -> TabularDataset:
     """Load a built-in dataset by name, a CSV/Parquet file by path, or ``openml:NAME_OR_ID``.
 
-    ``dictionary`` (a mapping or a YAML file with a ``columns`` section) and
-    ``question`` override what the built-in dataset ships.
+    ``dictionary`` (a mapping or a YAML file with a ``columns`` section, and
+    optionally an ``answers`` section: label -> answer word) and ``question``
+    override what the built-in dataset ships.
     """
     if not isinstance(source, str) or not source.strip():
         raise TabconsInputError("data source must be a dataset name or a file path")
@@ -130,6 +131,10 @@ def load_dataset(
         frame, default_target = _read_file(source), None
         provenance, default_question, default_dictionary = str(Path(source).resolve()), None, None
         answers = {}
+    user_dictionary = _dictionary_content(dictionary)
+    if user_dictionary is not None and "columns" in user_dictionary:
+        answers = user_dictionary.get("answers") or answers
+        user_dictionary = user_dictionary["columns"]
     target = target or default_target
     if target is None:
         raise TabconsInputError(f"{source}: say which column to predict with --target")
@@ -138,7 +143,7 @@ def load_dataset(
             name=source if source in _BUILTINS else Path(source).stem,
             frame=frame,
             target=target,
-            dictionary=DataDictionary.from_dict(_dictionary_mapping(dictionary) or default_dictionary),
+            dictionary=DataDictionary.from_dict(user_dictionary or default_dictionary),
             question=question if question is not None else default_question,
             source=provenance,
             answers={str(label): str(word) for label, word in answers.items()},
@@ -146,7 +151,8 @@ def load_dataset(
     )
 
 
-def _dictionary_mapping(dictionary: Mapping[str, Any] | str | Path | None) -> Mapping[str, Any] | None:
+def _dictionary_content(dictionary: Mapping[str, Any] | str | Path | None) -> Mapping[str, Any] | None:
+    """The dictionary as given, or the YAML file's content: a mapping of columns, or ``columns`` (+ ``answers``) sections."""
     if dictionary is None or isinstance(dictionary, Mapping):
         return dictionary
     path = Path(dictionary)
@@ -158,7 +164,7 @@ def _dictionary_mapping(dictionary: Mapping[str, Any] | str | Path | None) -> Ma
         raise TabconsInputError(f"data dictionary {path} is not valid UTF-8 YAML: {error}") from None
     if not isinstance(content, Mapping):
         raise TabconsInputError(f"data dictionary {path} must be a mapping of columns")
-    return content.get("columns", content)
+    return content
 
 
 def _read_file(source: str) -> pd.DataFrame:
