@@ -81,7 +81,10 @@ class RecipeChoice:
 
 
 def _scaled_rates(factor: float) -> Callable[[TrainSettings], TrainSettings]:
-    return lambda s: replace(s, learning_rate=s.learning_rate * factor, head_learning_rate=s.head_learning_rate * factor)
+    def scaled(rate: float) -> float:
+        return float(f"{rate * factor:.6g}")  # 0.009, not 0.009000000000000001, in the logged parameters
+
+    return lambda s: replace(s, learning_rate=scaled(s.learning_rate), head_learning_rate=scaled(s.head_learning_rate))
 
 
 def _flipped_weighting(settings: TrainSettings) -> TrainSettings:
