@@ -240,3 +240,27 @@ def test_a_dictionary_files_answers_section_sets_the_answer_words(tmp_path):
     dataset = load_dataset(str(table), "outcome", dictionary=str(words))
     assert dataset.labels == ["down", "up"] and dataset.label_words == ["fall", "rise"]
     assert dataset.dictionary.column_text("x") == "the reading"
+
+
+def test_a_resumed_decoder_member_keeps_its_class_prior(tiny_dirs, tracking_uri):
+    """The verbalizer's rows are frozen but its bias takes the class prior after training: a reload must keep it."""
+    import mlflow
+
+    from mlflow_tabcons.members.training import TrainSettings
+    from mlflow_tabcons.tracking.config import TrainingConfig
+    from mlflow_tabcons.tracking.prepared import prepare_data
+    from mlflow_tabcons.tracking.resume import load_member, log_member
+    from mlflow_tabcons.tracking.training_job import build_trainer
+
+    config = TrainingConfig(data="diabetes", model=tiny_dirs["llama"], shots=24, seeds=2, eval_rows=8,
+                            train=TrainSettings(epochs=1), register=None, recipe="fixed")
+    data = prepare_data(config)
+    trainer = build_trainer(config, data, "cpu", validate=False)
+    member = trainer.train_member(0)
+    with mlflow.start_run() as run:
+        mlflow.log_param("seed", 0)
+        log_member(member)
+    reloaded = load_member(trainer, mlflow.get_run(run.info.run_id))
+    torch.testing.assert_close(reloaded.classifier.head.bias, member.classifier.head.bias)
+    np.testing.assert_allclose(trainer.predict_proba(reloaded.classifier, data.evaluation),
+                               trainer.predict_proba(member.classifier, data.evaluation), atol=1e-6)

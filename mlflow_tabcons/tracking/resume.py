@@ -181,11 +181,16 @@ def finished_member_runs(children: list[Run]) -> dict[int, Run]:
     return done
 
 
+def _changed(name: str, parameter: torch.nn.Parameter) -> bool:
+    """What training changes: the trained weights, and the head (a verbalizer's frozen bias takes the class prior)."""
+    return parameter.requires_grad or name.startswith("head.")
+
+
 def log_member(member: Member) -> None:
     """Log a trained member's changed weights (adapters and head) and its training rows in the active child run."""
     from safetensors.torch import save_file
 
-    tensors = {name: p.detach().cpu().contiguous() for name, p in member.classifier.named_parameters() if p.requires_grad}
+    tensors = {name: p.detach().cpu().contiguous() for name, p in member.classifier.named_parameters() if _changed(name, p)}
     tensors[TRAIN_ROWS_KEY] = torch.as_tensor(np.asarray(member.train_rows, dtype=np.int64))
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / MEMBER_FILE
@@ -211,7 +216,7 @@ def load_member(trainer: EnsembleTrainer, run: Run) -> Member:
         tensors = load_file(path)
     classifier = trainer.new_classifier(seed)
     train_rows = tensors.pop(TRAIN_ROWS_KEY).numpy()
-    trainable = {name for name, p in classifier.named_parameters() if p.requires_grad}
+    trainable = {name for name, p in classifier.named_parameters() if _changed(name, p)}
     if set(tensors) != trainable:
         raise TabconsInputError(
             f"member run {run.info.run_id} (seed {seed}) holds weights for another model shape "
