@@ -59,6 +59,11 @@ from mlflow_tabcons.tracking.evaluation_job import (  # noqa: E402
     reference_dropout,
     rescore,
 )
+from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path  # noqa: E402
+from mlflow_tabcons.members.training import EnsembleTrainer  # noqa: E402
+from mlflow_tabcons.runtime import configure_threads, default_device  # noqa: E402
+from mlflow_tabcons.tracking import resume  # noqa: E402
+from mlflow_tabcons.tracking.prepared import TrainingOutcome, prepare_data  # noqa: E402
 from mlflow_tabcons.tracking.training_job import run_training  # noqa: E402
 
 NEIGHBOURHOOD = ("perturb", "noise", "sigma")
@@ -91,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--name", default="paper_table", help="file name stem of the results")
     parser.add_argument("--tracking-uri", default=None, help="default: a fresh SQLite store in a temporary folder")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--reuse-run", default=None, metavar="RUN_ID",
+                        help="measure the --extra settings on the members of a finished ensemble run in --tracking-uri "
+                             "(no training, no calibration); --datasets/--shots must name its configuration")
     parser.add_argument("--combine", nargs="+", default=None, metavar="JSON",
                         help="only merge the JSON files of runs made side by side into --out-dir/--name")
     return parser.parse_args(argv)
@@ -176,13 +184,33 @@ def combine(paths: list[Path], out_dir: Path, name: str) -> dict[str, Any]:
     return payload
 
 
+def reloaded_outcome(config: TrainingConfig, run_id: str, first: dict[str, Any]) -> TrainingOutcome:
+    """The trained ensemble of a finished run, rebuilt from its member runs, scored at ``first``."""
+    data = prepare_data(config)
+    parent = mlflow.get_run(run_id)
+    trainer = EnsembleTrainer(load_encoder(resolve_model_path(config.model)), len(data.dataset.labels), config.train,
+                              data.train, None, device=default_device())
+    runs = resume.finished_member_runs(resume.child_runs(parent))
+    members = [resume.load_member(trainer, runs[seed]) for seed in sorted(runs)]
+    eval_prefix = trainer.prefix_for(data.evaluation)
+    probabilities = np.stack([trainer.predict_proba(member.classifier, data.evaluation, eval_prefix) for member in members])
+    outcome = TrainingOutcome(run_id, data, trainer, members, probabilities, None, dict(parent.data.metrics), None, eval_prefix)
+    outcome.scores, outcome.metrics["seconds_score"] = rescore(outcome, config.scorer.with_overrides(**first))
+    return outcome
+
+
 def run_configuration(args: argparse.Namespace, dataset: str, shots: int, grid: list[dict[str, Any]], extra: list[dict[str, Any]],
                       out_dir: Path, payload: dict[str, Any]) -> None:
     """Train once; calibrate on held-out rows; evaluate every candidate and extra setting on the test rows."""
     config = _config(args, dataset, shots, grid[0])
+    key = f"{dataset}_{shots}"
+    if args.reuse_run:
+        configure_threads()
+        outcome = reloaded_outcome(config, args.reuse_run, extra[0])
+        evaluate_settings(args, config, outcome, extra, None, out_dir, payload, key)
+        return
     outcome = run_training(config)
     trainer, data = outcome.trainer, outcome.data
-    key = f"{dataset}_{shots}"
     # 1. calibration on held-out rows, with the same members
     rows = held_out_rows(config, data, args.calibration_rows)
     prefix = trainer.prefix_for(rows)
@@ -196,16 +224,23 @@ def run_configuration(args: argparse.Namespace, dataset: str, shots: int, grid: 
                                     "seconds_total": time.perf_counter() - started}
     ablation_figure(swept, chosen).savefig(out_dir / f"{args.name}_{key}_calibration.png", dpi=110)
     # 2. every candidate on the evaluation rows
+    evaluate_settings(args, config, outcome, grid + extra, chosen, out_dir, payload, key)
+
+
+def evaluate_settings(args: argparse.Namespace, config: TrainingConfig, outcome: TrainingOutcome, settings: list[dict[str, Any]],
+                      chosen: dict[str, Any] | None, out_dir: Path, payload: dict[str, Any], key: str) -> None:
+    """Every setting on the evaluation rows (the first one reuses the outcome's own scores); ``chosen``: the calibrated one."""
+    dataset, shots = config.data, config.shots
     dropout, seconds_dropout = reference_dropout(outcome, passes=args.dropout_passes, seed=config.scorer.seed)
     results = []
-    for candidate in grid + extra:
-        if _same(candidate, grid[0]):
+    for candidate in settings:
+        if _same(candidate, {key_: getattr(outcome.scores.settings, key_) for key_ in NEIGHBOURHOOD}):
             scores, seconds = outcome.scores, outcome.metrics["seconds_score"]
         else:
             scores, seconds = rescore(outcome, config.scorer.with_overrides(**candidate))
         result, per_row = evaluate_scores(outcome, scores, dropout, seconds_score=seconds, seconds_dropout=seconds_dropout,
                                           resamples=args.resamples)
-        result["calibrated"] = _same(candidate, chosen)
+        result["calibrated"] = chosen is not None and _same(candidate, chosen)
         result["goal"] = goal_checks(result)
         results.append(result)
         payload["rows"].append(result)
@@ -218,7 +253,8 @@ def run_configuration(args: argparse.Namespace, dataset: str, shots: int, grid: 
                                     | {"difference": result["comparisons"]["consistency_minus_confidence"]})), flush=True)
         payload["seconds_total"] = payload["clock"].lap()[0]
         _write(out_dir, args.name, {k: v for k, v in payload.items() if k != "clock"})
-    ablation_figure(results, chosen).savefig(out_dir / f"{args.name}_{key}_sites.png", dpi=110)
+    if chosen is not None:
+        ablation_figure(results, chosen).savefig(out_dir / f"{args.name}_{key}_sites.png", dpi=110)
     payload["load_averages"].append(os.getloadavg()[0])
 
 
