@@ -59,12 +59,10 @@ from mlflow_tabcons.tracking.evaluation_job import (  # noqa: E402
     reference_dropout,
     rescore,
 )
-from mlflow_tabcons.members.classifier import load_encoder, resolve_model_path  # noqa: E402
-from mlflow_tabcons.members.training import EnsembleTrainer  # noqa: E402
 from mlflow_tabcons.runtime import configure_threads, default_device  # noqa: E402
 from mlflow_tabcons.tracking import resume  # noqa: E402
 from mlflow_tabcons.tracking.prepared import TrainingOutcome, prepare_data  # noqa: E402
-from mlflow_tabcons.tracking.training_job import run_training  # noqa: E402
+from mlflow_tabcons.tracking.training_job import build_trainer, run_training  # noqa: E402
 
 NEIGHBOURHOOD = ("perturb", "noise", "sigma")
 
@@ -188,8 +186,7 @@ def reloaded_outcome(config: TrainingConfig, run_id: str, first: dict[str, Any])
     """The trained ensemble of a finished run, rebuilt from its member runs, scored at ``first``."""
     data = prepare_data(config)
     parent = mlflow.get_run(run_id)
-    trainer = EnsembleTrainer(load_encoder(resolve_model_path(config.model)), len(data.dataset.labels), config.train,
-                              data.train, None, device=default_device())
+    trainer = build_trainer(config, data, default_device(), validate=False)
     runs = resume.finished_member_runs(resume.child_runs(parent))
     members = [resume.load_member(trainer, runs[seed]) for seed in sorted(runs)]
     eval_prefix = trainer.prefix_for(data.evaluation)
