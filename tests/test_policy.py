@@ -149,6 +149,7 @@ def test_the_cheat_of_the_issue_is_refused_naming_every_breach():
         (dict(sigma=0.01), "protocol breach: sigma 0.01 (policy: at least 0.5)"),
         (dict(sigma_mode="absolute"), "protocol breach: sigma_mode 'absolute'"),
         (dict(members=1), "protocol breach: members 1 (policy: at least 2)"),
+        (dict(perturb="pooled"), "protocol breach: perturb 'pooled' (policy: one of ['embeddings', 'values', 'hidden'])"),
         (dict(role="verifier"), None),
     ],
 )

@@ -6,7 +6,7 @@ verifier measured it on a holdout (`tabcons verify`). The value is a JSON payloa
 plus an HMAC-SHA256 over it with the role's key (see ``keys``): anyone can read
 the tag, only a key holder can write one the gate accepts. The payload records
 everything that decides what "certified" meant (tau, alpha, bound, variance
-bound, k, sigma, noise, early stop, seed, precision, rows, members) so the
+bound, k, sigma, noise, perturbation site, early stop, seed, precision, rows, members) so the
 policy's protocol can be checked against it, and the sha256 of the model's
 files, so the numbers stay bound to the content they were measured on.
 """
@@ -38,7 +38,7 @@ BREAK_GLASS_TAG = "tabcons.break_glass"
 # Tag keys only the gate itself may write: evidence, verdicts, audit markers.
 RESERVED_TAG_PREFIXES = ("tabcons.evidence", "tabcons.verdict", "tabcons.audit")
 # 3: protocol fields, content digest, signer role (2 had neither; its numbers were measured under the trainer's own rules)
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,7 @@ class Evidence:
     variance_bound: float
     max_row_variance: float
     noise: str
+    perturb: str
     early_stop: bool
     score_seed: int
     precision: str
@@ -111,7 +112,7 @@ class Evidence:
         for name in ("early_stop", "members_learned"):
             if not isinstance(getattr(self, name), bool):
                 raise TabconsInputError(f"evidence {name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("sigma_mode", "bound", "noise", "precision", "eval_digest", "model_sha256"):
+        for name in ("sigma_mode", "bound", "noise", "perturb", "precision", "eval_digest", "model_sha256"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise TabconsInputError(f"evidence {name} must be a non-empty string, got {getattr(self, name)!r}")
         if not isinstance(self.artifact, str):

@@ -2,7 +2,7 @@
 
 The party being gated must not choose how its model is measured. Whatever
 decides whether a row is "certified" (tau, alpha, the bound and its variance
-bound, k, sigma, rows, members) is checked here against the policy, and the
+bound, k, sigma, where the noise goes, rows, members) is checked here against the policy, and the
 interval behind ``on: lower`` is recomputed at the policy's level from the
 certified count, never read at the evidence's own alpha. With no
 ``protocol:`` section, ``DEFAULT_PROTOCOL`` applies (documented in docs/gate.md).
@@ -23,6 +23,10 @@ EVIDENCE_KINDS = ("trainer", "verified")
 BOUND_NAMES = ("empirical-bernstein", "bernstein", "betting")
 SIGMA_MODE_NAMES = ("relative", "absolute")
 NOISE_NAMES = ("sphere", "gaussian")
+PERTURB_NAMES = ("embeddings", "values", "hidden", "pooled")
+# At the pooled site S is a monotone function of the margin (the head is linear): a confidence
+# threshold under another name, so the default protocol does not accept it.
+DEFAULT_PERTURBS = ("embeddings", "values", "hidden")
 PRECISION_NAMES = ("float32", "bfloat16")
 
 
@@ -47,6 +51,7 @@ class Protocol:
     min_sigma: float = 0.5
     max_sigma: float | None = None
     noises: tuple[str, ...] = NOISE_NAMES
+    perturbs: tuple[str, ...] = DEFAULT_PERTURBS
     precisions: tuple[str, ...] = PRECISION_NAMES
     allow_early_stop: bool = True
     members_learned: bool = True
@@ -102,6 +107,8 @@ def breaches(protocol: Protocol, evidence: Evidence) -> list[str]:
         breach("sigma", evidence.sigma, f"at most {protocol.max_sigma}")
     if evidence.noise not in protocol.noises:
         breach("noise", repr(evidence.noise), f"one of {list(protocol.noises)}")
+    if evidence.perturb not in protocol.perturbs:
+        breach("perturb", repr(evidence.perturb), f"one of {list(protocol.perturbs)}")
     if evidence.precision not in protocol.precisions:
         breach("precision", repr(evidence.precision), f"one of {list(protocol.precisions)}")
     if evidence.early_stop and not protocol.allow_early_stop:

@@ -81,6 +81,7 @@ def measured_evidence(outcome: TrainingOutcome, config: TrainingConfig) -> dict[
         "variance_bound": scorer.variance_bound,
         "max_row_variance": float(scores.variance.max()) if scores.variance is not None else 1.0,
         "noise": scorer.noise,
+        "perturb": scorer.perturb,
         "early_stop": bool(scorer.early_stop),
         "score_seed": scorer.seed,
         "precision": scorer.precision,

@@ -48,10 +48,11 @@ def protocol_settings(settings: ScorerSettings, protocol: Protocol) -> ScorerSet
         b for b in ("empirical-bernstein", "betting", "bernstein") if b in protocol.bounds)
     precision = settings.precision if settings.precision in protocol.precisions else protocol.precisions[0]
     noise = settings.noise if settings.noise in protocol.noises else protocol.noises[0]
+    perturb = settings.perturb if settings.perturb in protocol.perturbs else protocol.perturbs[0]
     return dataclasses.replace(
         settings, tau=max(settings.tau, protocol.min_tau), alpha=min(settings.alpha, protocol.max_alpha),
         k=max(settings.k, protocol.min_k), sigma=sigma, bound=bound, precision=precision, noise=noise,
-        early_stop=settings.early_stop and protocol.allow_early_stop and bound == "betting",
+        perturb=perturb, early_stop=settings.early_stop and protocol.allow_early_stop and bound == "betting",
     )
 
 
@@ -112,7 +113,7 @@ def verify_version(name: str, version: str, holdout: str | Path, *, target: str 
     evidence = Evidence(
         run_id=model_version.run_id, role=VERIFIER, n_eval=len(frame), k=settings.k, sigma=settings.sigma,
         sigma_mode=settings.sigma_mode, alpha=settings.alpha, tau=settings.tau, bound=settings.bound,
-        variance_bound=settings.variance_bound, noise=settings.noise, early_stop=bool(settings.early_stop),
+        variance_bound=settings.variance_bound, noise=settings.noise, perturb=settings.perturb, early_stop=bool(settings.early_stop),
         score_seed=settings.seed, precision=settings.precision, members=1, arbitrariness=None,
         eval_digest="sha256:" + hashlib.sha256(raw).hexdigest(), model_sha256=digest,
         training={"holdout": holdout.name}, created_at=time.time(), **measured,
