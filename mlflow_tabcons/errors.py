@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_EXHAUSTED
 
 
 class TabconsInputError(MlflowException, ValueError):
@@ -21,6 +21,13 @@ class TabconsInputError(MlflowException, ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class TabconsResourceError(MlflowException):
+    """A valid request the device cannot run: one forward pass does not fit its memory (HTTP 429 when served)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=RESOURCE_EXHAUSTED)
 
 
 def check_int(name: str, value: Any, *, minimum: int, maximum: int | None = None) -> int:

@@ -232,6 +232,15 @@ def build_tabcons_model(model_dir: str, *, seed: int = 0, k: int = 16):
     )
 
 
+def randomize_adapters(model, std: float = 0.2):
+    """The packaged model with non-trivial LoRA adapters (their B matrices start at zero), so that merging them matters."""
+    with torch.no_grad():
+        for name, parameter in model.classifier.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, std)
+    return model
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tiny_models import build_tiny_tokenizer

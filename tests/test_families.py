@@ -21,7 +21,7 @@ from mlflow_tabcons.members.classifier import (
     load_base_model,
     load_tokenizer,
 )
-from conftest import build_tabcons_model
+from conftest import build_tabcons_model, randomize_adapters
 from tiny_models import FAMILY_OF, TINY_KINDS
 
 DECODERS = [kind for kind in TINY_KINDS if FAMILY_OF[kind] == "decoder"]
@@ -175,11 +175,7 @@ def test_packaged_model_round_trips_for_generative_members(tiny_dirs, kind, tmp_
     from mlflow_tabcons.data.tables import load_dataset
     from mlflow_tabcons.flavor import TabconsModel
 
-    model = build_tabcons_model(tiny_dirs[kind], k=8)
-    with torch.no_grad():  # non-trivial adapters, so that merging them matters
-        for name, parameter in model.classifier.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.2)
+    model = randomize_adapters(build_tabcons_model(tiny_dirs[kind], k=8))
     model.write(tmp_path / "m")
     loaded = TabconsModel.read(tmp_path / "m")
     dataset = load_dataset("diabetes")

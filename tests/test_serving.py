@@ -1,5 +1,6 @@
 """`mlflow models serve -m models:/NAME@ALIAS` on a real server: answers, params, and refusals that keep it serving."""
 
+import contextlib
 import json
 import os
 import sys
@@ -7,7 +8,15 @@ import sys
 import mlflow
 import numpy as np
 import pytest
-from conftest import forget_mlflow_uris, pick_free_port, register_in_sqlite, require_service, running_server
+from conftest import (
+    build_tabcons_model,
+    forget_mlflow_uris,
+    pick_free_port,
+    randomize_adapters,
+    register_in_sqlite,
+    require_service,
+    running_server,
+)
 
 
 requests = pytest.importorskip("requests")
@@ -33,16 +42,24 @@ def registry(tmp_path_factory, tabcons_model, diabetes_features):
     forget_mlflow_uris()
 
 
-@pytest.fixture(scope="module")
-def server(registry, tmp_path_factory):
+@contextlib.contextmanager
+def serving(model_uri, log_dir, **env):
+    """A real `mlflow models serve -m model_uri` on a free port until the block ends; yields its URL."""
     port = _free_port()
     # the server runs `uvicorn` from PATH: the one installed next to this Python
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": registry, "MLFLOW_REGISTRY_URI": registry}
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@{ALIAS}",
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
                "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
     url = f"http://127.0.0.1:{port}"
-    with running_server(command, env=env, ready_url=f"{url}/ping", log_path=tmp_path_factory.mktemp("serve") / "server.log"):
+    env = {**os.environ, "PATH": path, **env}
+    with running_server(command, env=env, ready_url=f"{url}/ping", log_path=log_dir / "server.log"):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def server(registry, tmp_path_factory):
+    stores = {"MLFLOW_TRACKING_URI": registry, "MLFLOW_REGISTRY_URI": registry}
+    with serving(f"models:/{NAME}@{ALIAS}", tmp_path_factory.mktemp("serve"), **stores) as url:
         yield url
 
 
@@ -56,11 +73,11 @@ def _invoke(url, body):
     return requests.post(f"{url}/invocations", data=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=120)
 
 
-def _assert_same_answers(records, expected):
+def _assert_same_answers(records, expected, atol=1e-12):
     assert [r["prediction"] for r in records] == list(expected["prediction"])
     assert [r["certified"] for r in records] == list(expected["certified"])
     for column in ("probability", "consistency", "consistency_lcb"):
-        np.testing.assert_allclose([r[column] for r in records], expected[column], rtol=0, atol=1e-12, err_msg=column)
+        np.testing.assert_allclose([r[column] for r in records], expected[column], rtol=0, atol=atol, err_msg=column)
 
 
 def test_records_and_split_requests_answer_like_in_process_predict(server, local_model, diabetes_features):
@@ -140,3 +157,26 @@ def test_an_undeclared_param_is_ignored_by_mlflow_not_applied(server, local_mode
     answer = _invoke(server, {"dataframe_records": rows.to_dict(orient="records"), "params": {"tau": -1.0}})
     assert answer.status_code == 200, answer.text
     _assert_same_answers(answer.json()["predictions"], local_model.predict(rows))
+
+
+def test_a_served_decoder_member_answers_like_in_process_predict(tiny_dirs, diabetes_features, tmp_path):
+    """A tiny Llama member behind a real `mlflow models serve`: its verbalizer's answers and S survive the server."""
+    from mlflow_tabcons import flavor
+
+    model_dir = tmp_path / "llama"
+    model = randomize_adapters(build_tabcons_model(tiny_dirs["llama"], k=8))
+    flavor.save_model(model, model_dir, input_example=diabetes_features.head(2))
+    local = mlflow.pyfunc.load_model(str(model_dir))
+    assert local.get_raw_model().spec.family == "decoder"
+    rows = diabetes_features.iloc[20:25]
+    with serving(str(model_dir), tmp_path) as url:
+        for params in ({"seed": 3}, {"k": 12, "sigma": 1.5, "seed": 9}, {"score": False}):
+            answer = _invoke(url, {"dataframe_records": rows.to_dict(orient="records"), "params": params})
+            assert answer.status_code == 200, answer.text
+            records, expected = answer.json()["predictions"], local.predict(rows, params=params)
+            if params.get("score") is False:
+                assert all(r["consistency"] is None and r["certified"] is False for r in records)
+                assert [r["prediction"] for r in records] == list(expected["prediction"])
+                np.testing.assert_allclose([r["probability"] for r in records], expected["probability"], rtol=0, atol=1e-5)
+            else:
+                _assert_same_answers(records, expected, atol=1e-5)

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from mlflow_tabcons.scoring import memory
 from mlflow_tabcons.scoring.bounds import BOUNDS, betting_lcb, betting_ucb, clopper_pearson, lower_confidence_bound
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
 
@@ -55,6 +56,8 @@ class ScorerSettings:
     ``early_stop`` (needs the anytime-valid ``betting`` bound) stops sampling a
     row as soon as its bound clears tau or its upper bound falls below it.
     ``precision`` is how a PyTorch model runs the neighbour passes (see ``TorchBackend``).
+    ``max_batch_tokens`` caps the padded tokens of one forward pass; None sizes
+    it to the device (scoring/memory.py: the free memory on CUDA, 16384 elsewhere).
     ``perturb`` is where the noise goes (``PERTURB_SITES``); ``values`` needs each
     row's value-token mask, ``hidden`` and ``pooled`` need a backend with ``represent``.
     sigma is relative to the norm of what is perturbed there.
@@ -70,7 +73,7 @@ class ScorerSettings:
     noise: str = "sphere"
     early_stop: bool = False
     seed: int = 0
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int | None = None
     precision: str = "float32"
     perturb: str = "embeddings"
 
@@ -90,7 +93,8 @@ class ScorerSettings:
                 f"early_stop needs the anytime-valid bound 'betting'; the {self.bound!r} bound holds only at a k fixed in advance"
             )
         check_int("seed", self.seed, minimum=0, maximum=2**63 - 1)
-        check_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
+        if self.max_batch_tokens is not None:
+            check_int("max_batch_tokens", self.max_batch_tokens, minimum=1)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("perturb", self.perturb, PERTURB_SITES)
 
@@ -107,7 +111,12 @@ class ScorerSettings:
 
 
 class ProbabilityBackend(Protocol):
-    """What the scorer needs from a model; PyTorch and ONNX Runtime both provide it."""
+    """What the scorer needs from a model; PyTorch and ONNX Runtime both provide it.
+
+    A backend may also have ``token_budget(longest) -> int``: the padded tokens
+    per forward pass that fit its device (``TorchBackend``); without it, and
+    without a set ``max_batch_tokens``, batches hold ``memory.DEFAULT_BATCH_TOKENS``.
+    """
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(L,) token ids -> (L, d) input embeddings E(x)."""
@@ -146,6 +155,10 @@ class TorchBackend:
         self.classifier = classifier.to(device).eval()
         self.device = device
         self.hidden_depth = check_int("hidden_depth", hidden_depth, minimum=0)
+
+    def token_budget(self, longest: int) -> int:
+        """Padded tokens per forward pass that fit this device for rows of up to ``longest`` tokens."""
+        return memory.token_budget(self.classifier.config, self.device, self.precision, longest)
 
     @torch.inference_mode()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -266,28 +279,6 @@ class _Row:
         return self.embedding[None] + self.radius * directions
 
 
-def _batches(sizes: Sequence[tuple[int, int, int]], max_tokens: int) -> list[list[tuple[int, int, int]]]:
-    """Pack (row, count, length) jobs into forward batches of at most ``max_tokens`` padded tokens."""
-    batches: list[list[tuple[int, int, int]]] = []
-    current: list[tuple[int, int, int]] = []
-    longest = rows = 0
-    for row, count, length in sorted(sizes, key=lambda job: job[2]):
-        while count:
-            room = max_tokens // max(longest, length) - rows
-            if room <= 0 and current:
-                batches.append(current)
-                current, longest, rows = [], 0, 0
-                continue
-            take = min(count, max(room, 1))
-            current.append((row, take, length))
-            rows += take
-            longest = max(longest, length)
-            count -= take
-    if current:
-        batches.append(current)
-    return batches
-
-
 class ConsistencyScorer:
     """Scores rows with any ``ProbabilityBackend`` under fixed ``ScorerSettings``."""
 
@@ -322,14 +313,27 @@ class ConsistencyScorer:
         """Plain class probabilities (n, C) of unperturbed rows: the fast path without a score."""
         return self._forward_rows([self._represent(ids) for ids in input_ids])
 
-    def _forward_rows(self, embeddings: Sequence[torch.Tensor]) -> np.ndarray:
+    def _token_budget(self, embeddings: Sequence[torch.Tensor]) -> memory.TokenBudget:
+        """The user's ``max_batch_tokens``, else what the backend says fits its device, else the CPU default."""
+        tokens = self.settings.max_batch_tokens
+        if tokens is None:
+            sized = getattr(self.backend, "token_budget", None)  # optional: backends without it get the default
+            longest = max(e.shape[0] for e in embeddings)
+            tokens = sized(longest) if sized is not None else memory.DEFAULT_BATCH_TOKENS
+        return memory.TokenBudget(tokens)
+
+    def _forward_rows(self, embeddings: Sequence[torch.Tensor], budget: memory.TokenBudget | None = None) -> np.ndarray:
+        budget = budget or self._token_budget(embeddings)
         jobs = [(i, 1, e.shape[0]) for i, e in enumerate(embeddings)]
-        out: np.ndarray | None = None
-        for batch in _batches(jobs, self.settings.max_batch_tokens):
-            probabilities = self._forward([embeddings[row] for row, _, _ in batch])
-            if out is None:
-                out = np.empty((len(embeddings), probabilities.shape[1]))
-            out[[row for row, _, _ in batch]] = probabilities
+        parts: list[tuple[list[int], np.ndarray]] = []
+
+        def forward(batch: list[memory.Job]) -> None:
+            parts.append(([row for row, _, _ in batch], self._forward([embeddings[row] for row, _, _ in batch])))
+
+        budget.run(jobs, forward)
+        out = np.empty((len(embeddings), parts[0][1].shape[1]))
+        for rows, probabilities in parts:
+            out[rows] = probabilities
         return out
 
     def _forward(self, stacks: Sequence[torch.Tensor]) -> np.ndarray:
@@ -359,7 +363,8 @@ class ConsistencyScorer:
             raise TabconsInputError("nothing to score: the input has no rows")
         positions = self._value_positions(input_ids, value_masks)
         embeddings = [self._represent(ids) for ids in input_ids]
-        probabilities = self._forward_rows(embeddings)
+        budget = self._token_budget(embeddings)
+        probabilities = self._forward_rows(embeddings, budget)
         predicted = probabilities.argmax(axis=1)
         rows = []
         for i, (ids, embedding) in enumerate(zip(input_ids, embeddings)):
@@ -369,11 +374,13 @@ class ConsistencyScorer:
         decided_lcb = np.full(len(rows), np.nan)
         active = list(range(len(rows)))
         bar = tqdm(total=len(rows) * settings.k, desc="scoring", unit="pass", disable=not progress or None)
+
+        def sample(batch: list[memory.Job]) -> None:
+            self._sample(rows, batch)
+            bar.update(sum(count for _, count, _ in batch))
+
         for target in self._rounds():
-            jobs = [(i, target - len(rows[i].z), rows[i].embedding.shape[0]) for i in active]
-            for batch in _batches(jobs, settings.max_batch_tokens):
-                self._sample(rows, batch)
-                bar.update(sum(count for _, count, _ in batch))
+            budget.run([(i, target - len(rows[i].z), rows[i].embedding.shape[0]) for i in active], sample)
             if settings.early_stop:
                 active = self._still_undecided(rows, active, decided_lcb)
                 if not active:
