@@ -48,7 +48,7 @@ def test_search_spends_its_budget_and_returns_the_best_trial(parts):
     assert [t.name for t in choice.trials[2:]] == [name for name, _ in STEPS[:2]]
     best = choice.trials[0]
     for trial in choice.trials[1:]:
-        best = trial if trial.better_than(best) else best
+        best = trial if trial.improves_on(best, SearchSettings().min_gain) else best
     assert choice.numbers == best.numbers
     assert choice.settings == replace(best.settings, epochs=best.best_epoch)
     assert 1 <= choice.settings.epochs <= 3
@@ -56,13 +56,17 @@ def test_search_spends_its_budget_and_returns_the_best_trial(parts):
     assert choice.trials[2].settings.learning_rate == pytest.approx(3 * choice.trials[0].settings.learning_rate)
 
 
-def test_trials_compare_on_auroc_then_loss():
+def test_a_change_is_kept_only_for_a_gain_beyond_the_noise():
     settings = TrainSettings()
     low = Trial("a", "plain", settings, 0.60, 0.7, 0.5, 3, 1.0)
     high = Trial("b", "plain", settings, 0.70, 0.6, 0.9, 3, 1.0)
-    tied_lower_loss = Trial("c", "plain", settings, 0.60, 0.7, 0.4, 3, 1.0)
-    assert high.better_than(low) and not low.better_than(high)
-    assert tied_lower_loss.better_than(low)
+    slightly_higher_lower_loss = Trial("c", "plain", settings, 0.605, 0.7, 0.4, 3, 1.0)
+    failed = Trial("d", "plain", settings, float("nan"), float("nan"), float("nan"), 0, 1.0, "OutOfMemoryError: ...")
+    assert high.improves_on(low, 0.01) and not low.improves_on(high, 0.01)
+    # within the margin the incumbent stays, whatever the loss says
+    assert not slightly_higher_lower_loss.improves_on(low, 0.01)
+    assert slightly_higher_lower_loss.improves_on(low, 0.0)
+    assert low.improves_on(failed) and not failed.improves_on(low)
 
 
 def test_budget_caps_the_trials():
@@ -74,6 +78,8 @@ def test_bad_search_input_is_named(parts):
     tokenizer, base = parts
     with pytest.raises(TabconsInputError, match="budget"):
         SearchSettings(budget=0)
+    with pytest.raises(TabconsInputError, match="min_gain"):
+        SearchSettings(min_gain=-0.1)
     with pytest.raises(TabconsInputError, match="validation rows"):
         search_recipe(base, 2, TrainSettings(), {"plain": (_rows(tokenizer, TEXTS)[0], None)})
     with pytest.raises(TabconsInputError, match="number style"):
