@@ -39,15 +39,14 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--lora-layers", type=int, default=3)
-    parser.add_argument("--max-batch-tokens", type=int, default=None, help="scorer batch size in tokens (default: 65536 on a GPU)")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="scorer batch size in tokens (default: sized from the free GPU memory; 16,384 on the CPU)")
     parser.add_argument("--out", default=str(RESULTS / "device_check.json"))
     args = parser.parse_args()
     configure_threads()
     device = default_device()
     precision = "bfloat16" if device == "cuda" else "float32"
-    batch_tokens = args.max_batch_tokens or (65536 if device == "cuda" else 16384)
     train = TrainSettings(epochs=args.epochs, precision=precision, lora=LoraSettings(layers=args.lora_layers))
-    scorer_settings = ScorerSettings(k=args.k, precision=precision, max_batch_tokens=batch_tokens)
+    scorer_settings = ScorerSettings(k=args.k, precision=precision, max_batch_tokens=args.max_batch_tokens)
     config = TrainingConfig(data="credit-g", model=args.model, shots=args.shots, seeds=max(2, args.members),
                             eval_rows=args.rows, train=train, scorer=scorer_settings, register=None, recipe="fixed")
     data = prepare_data(config)
@@ -75,6 +74,7 @@ def main() -> None:
         "seconds_score": seconds_score,
         "neighbour_passes": passes,
         "neighbour_passes_per_second": passes / seconds_score,
+        "max_batch_tokens": args.max_batch_tokens or scorer.backend.token_budget(max(len(r) for r in data.evaluation.input_ids)),
         "mean_tokens_per_row": float(sum(len(r) for r in data.evaluation.input_ids) / len(data.evaluation)),
     }
     path = write_result(result, args.out)

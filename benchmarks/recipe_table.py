@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, Clock, machine, write_result  # noqa: E402
 
+from mlflow_tabcons.data.tables import load_dataset, split_dataset  # noqa: E402
 from mlflow_tabcons.scoring.consistency import ScorerSettings  # noqa: E402
 from mlflow_tabcons.tracking.config import TrainingConfig  # noqa: E402
 from mlflow_tabcons.tracking.training_job import run_training  # noqa: E402
@@ -73,8 +74,9 @@ def pydataset_csv(member: str, folder: Path) -> Path:
 def measure(name: str, seeds: int, eval_rows: int, k: int, folder: Path, model: str = "minilm") -> dict[str, Any]:
     source, target, provenance = TABLES[name]
     data = source if target is None else str(pydataset_csv(source, folder))
+    test_rows = len(split_dataset(load_dataset(data, target), seed=0).test)
     config = TrainingConfig(
-        data=data, target=target, shots=128, seeds=seeds, eval_rows=eval_rows, register=None, model=model,
+        data=data, target=target, shots=128, seeds=seeds, eval_rows=min(eval_rows, test_rows), register=None, model=model,
         experiment=f"recipe-{name}", scorer=ScorerSettings(k=k),
     )
     clock = Clock()
@@ -161,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tables", default=",".join(TABLES))
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--eval-rows", type=int, default=150)
+    parser.add_argument("--eval-rows", type=int, default=300, help="test rows (all of them where the split has fewer)")
     parser.add_argument("--k", type=int, default=16, help="neighbours per row (the score is not what this measures)")
     parser.add_argument("--model", default="minilm", help="checkpoint (the packaged MiniLM-L6 by default)")
     parser.add_argument("--out", type=Path, default=OUT)
