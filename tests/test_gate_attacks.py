@@ -70,10 +70,8 @@ class Arena:
         return None if row is None else str(row[0])
 
     def production(self) -> list[str]:
-        try:
-            return [v.version for v in self.client.get_latest_versions(MODEL, ["Production"])]
-        except MlflowException:
-            return []
+        """Every version in Production, not only the newest (``get_latest_versions`` shows one per stage)."""
+        return [v.version for v in self.client.search_model_versions(f"name='{MODEL}'") if v.current_stage == "Production"]
 
     def allow_break_glass(self) -> None:
         self.policy.write_text(POLICY.replace("version: 1\n", "version: 1\nbreak_glass: {allowed: true}\n"))
@@ -337,6 +335,32 @@ def trainer_key_in_the_verified_tag(arena: Arena) -> None:
     arena.client.set_model_version_tag(MODEL, good.version, VERIFIED_EVIDENCE_TAG, forged)
 
 
+def churn_dodged_by_renaming_a_sandbox_in(arena: Arena) -> None:
+    """Delete the model behind the holder, put a churny version at a sandbox's @champion, rename the sandbox to it."""
+    good = new_version(arena.client, MODEL, lower=0.95, predictions="0000")
+    arena.client.set_registered_model_alias(MODEL, "champion", good.version)
+    arena.client.delete_registered_model(MODEL)
+    churny = arena.aim(new_version(arena.client, "sandbox-credit", lower=0.95, predictions="1111"))
+    arena.client.set_registered_model_alias("sandbox-credit", "champion", churny.version)
+    arena.client.rename_registered_model("sandbox-credit", MODEL)
+
+
+def protocol_dodged_by_renaming(arena: Arena) -> None:
+    """Evidence at k 128 meets the default protocol, not the one the policy pins for the protected model."""
+    arena.policy.write_text(POLICY + '  "credit":\n    protocol: {min_k: 256}\n')
+    measured = arena.aim(new_version(arena.client, "dev-credit", lower=0.95))
+    arena.client.set_registered_model_alias("dev-credit", "champion", measured.version)
+    arena.client.rename_registered_model("dev-credit", MODEL)
+
+
+def weak_production_holder_behind_a_newer_one(arena: Arena) -> None:
+    """Two versions in a sandbox's Production: only the newest was judged when the sandbox was renamed."""
+    arena.policy.write_text(POLICY + "    stages:\n      Production: {min_certified_fraction: null, max_churn: null}\n")
+    weak = arena.aim(new_version(arena.client, "sandbox-credit", lower=0.5))
+    good = new_version(arena.client, "sandbox-credit", lower=0.95)
+    for version in (weak, good):
+        arena.client.transition_model_version_stage("sandbox-credit", version.version, "Production")
+    arena.client.rename_registered_model("sandbox-credit", MODEL)
 
 
 # attack -> whether its refusal must be in the audit trail (hand-written reserved tags are refused before any audit)
@@ -377,6 +401,9 @@ ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     "alias spelled CHAMPION": (alias_in_upper_case, True),
     "trainer evidence where the policy asks for verified": (trainer_evidence_under_verified, True),
     "trainer-signed evidence written as the verifier's": (trainer_key_in_the_verified_tag, True),
+    "churn rule dodged by renaming a sandbox into the deleted model's name": (churn_dodged_by_renaming_a_sandbox_in, True),
+    "the protected model's protocol dodged by a rename": (protocol_dodged_by_renaming, True),
+    "a weak Production holder behind a newer one, renamed in": (weak_production_holder_behind_a_newer_one, True),
 }
 if os.geteuid() != 0:  # root reads a mode-000 file anyway
     ATTACKS["policy file mode 000"] = (_policy_made_unusable(_unreadable), True)

@@ -192,10 +192,20 @@ def test_rename_cannot_dodge_the_rules(client):
     weak = new_version(client, "sandbox-credit", signed=False)
     client.set_registered_model_alias("sandbox-credit", "champion", weak.version)  # sandboxes are not protected
     message = refusal(client.rename_registered_model, "sandbox-credit", "credit")
-    assert "alias @champion for model 'sandbox-credit'" in message
+    assert "alias @champion for model 'credit'" in message
     assert client.get_registered_model("sandbox-credit").aliases == {"champion": weak.version}
     client.rename_registered_model("sandbox-credit", "sandbox-other")
     assert client.get_registered_model("sandbox-other").aliases == {"champion": weak.version}
+
+
+
+def test_rename_is_judged_and_audited_as_the_new_names_promotion(client, database_uri):
+    good = new_version(client, "sandbox-credit", lower=0.95)
+    client.set_registered_model_alias("sandbox-credit", "champion", good.version)
+    client.rename_registered_model("sandbox-credit", "credit")
+    assert client.get_registered_model("credit").aliases == {"champion": good.version}
+    [record] = audit_of(database_uri, "credit", "rename")
+    assert record.allowed and record.target == "alias:champion" and record.version == str(good.version)
 
 
 BREAK_GLASS_POLICY = POLICY.replace("version: 1\n", "version: 1\nbreak_glass: {allowed: true, ttl_minutes: 30}\n")

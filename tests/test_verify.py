@@ -14,6 +14,9 @@ from gate_support import KEY, VERIFIER_KEY
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.data.tables import load_dataset
 from mlflow_tabcons.gate.evidence import VERIFIED_EVIDENCE_TAG, verify_evidence
+from mlflow_tabcons.gate.protocol import Protocol
+from mlflow_tabcons.scoring.consistency import ScorerSettings
+from mlflow_tabcons.tracking.verification import protocol_settings
 
 # A tiny random checkpoint cannot beat the majority rate: this policy waives that one protocol item, nothing else.
 POLICY = """\
@@ -28,6 +31,14 @@ aliases:
 def test_the_gate_never_imports_torch():
     code = "import sys, mlflow_tabcons.gate.store, mlflow_tabcons.gate.decisions; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_protocol_settings_keep_allowed_choices_and_tighten_the_rest():
+    settings = ScorerSettings(k=16, tau=0.1, alpha=0.2, sigma=0.1, noise="gaussian", perturb="pooled", precision="bfloat16")
+    protocol = Protocol(perturbs=("hidden", "embeddings"), precisions=("float32",))
+    measured = protocol_settings(settings, protocol)
+    assert (measured.noise, measured.perturb, measured.precision) == ("gaussian", "hidden", "float32")
+    assert (measured.k, measured.tau, measured.alpha, measured.sigma) == (64, 0.5, 0.05, 0.5)
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from typing import Any
 from mlflow.entities.model_registry import ModelVersionTag
 from mlflow.entities.model_registry.model_version_stages import STAGE_DELETED_INTERNAL
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, PERMISSION_DENIED
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, PERMISSION_DENIED, RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.store.model_registry.dbmodels.models import SqlModelVersion
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 from sqlalchemy.orm import Session
@@ -120,9 +120,15 @@ class Gatekeeper:
         return Incumbent(f"{record.version} (last allowed holder, no longer holding it)", evidence, problem, live=False)
 
     def _current_holder(self, model: str, target: Target, session: Session) -> str | None:
+        """The version holding the target now; None also when ``model`` does not exist yet (a rename's new name)."""
         if target.kind == "alias":
-            aliases = {alias.lower(): version for alias, version in self.store.get_registered_model(model).aliases.items()}
-            holder = aliases.get(target.name)
+            try:
+                aliases = self.store.get_registered_model(model).aliases
+            except MlflowException as error:
+                if error.error_code != ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+                    raise
+                return None
+            holder = {alias.lower(): version for alias, version in aliases.items()}.get(target.name)
             return None if holder is None else str(holder)
         query = session.query(SqlModelVersion.version).filter(
             SqlModelVersion.name == model, SqlModelVersion.current_stage != STAGE_DELETED_INTERNAL

@@ -10,7 +10,6 @@ policy, re-read whenever its file changes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
 import urllib.parse
@@ -18,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities.model_registry import ModelVersionTag
-from mlflow.entities.model_registry.model_version_stages import get_canonical_stage
+from mlflow.entities.model_registry.model_version_stages import STAGE_DELETED_INTERNAL, STAGE_NONE, get_canonical_stage
 from mlflow.store.artifact.utils.models import get_model_name_and_version
-from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModel
+from mlflow.store.model_registry.dbmodels.models import SqlModelVersion, SqlRegisteredModel
 from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 
 from mlflow_tabcons.errors import TabconsInputError
@@ -33,6 +32,8 @@ from mlflow_tabcons.gate.rules import Target
 from mlflow_tabcons.gate.transactions import SharedSessions
 
 SCHEME_PREFIX = "tabcons+"
+# Every new version lands in stage None ungated, so holding it promotes nothing; deleted versions hold nothing.
+UNGATED_STAGES = (STAGE_NONE, STAGE_DELETED_INTERNAL)
 
 __all__ = ["GateRefusal", "GatedRegistryStore", "database_uri"]
 
@@ -127,18 +128,24 @@ class GatedRegistryStore(SqlAlchemyStore):
         return self.gate.enforce("copy", cases, create, tag_verdicts=False, lock=(src_mv.name,))
 
     def rename_registered_model(self, name, new_name):
-        """A rename keeps aliases and stages: every protected one must pass the new name's rules."""
-        model = self.get_registered_model(name)
-        held = {Target("alias", alias): str(version) for alias, version in model.aliases.items()}
-        for mv in self.get_latest_versions(name, ["Staging", "Production"]):
-            held[Target("stage", mv.current_stage)] = str(mv.version)
+        """A rename promotes every alias and stage holder into the new name: each is judged as the new name's own
+        (its rules, protocol and last allowed holder), so a rename cannot dodge a pattern, a protocol or max_churn."""
         cases = [
-            dataclasses.replace(case, model=name)
-            for target, version in held.items()
+            case
+            for target, version in self._held_targets(name)
             for case in self.gate.cases_needed(new_name, target, version, evidence_of=(name, version))
         ]
         apply = functools.partial(super().rename_registered_model, name, new_name)
-        return self.gate.enforce("rename", cases, apply, lock=(new_name,), tag_verdicts=False)
+        return self.gate.enforce("rename", cases, apply, lock=(name,), tag_verdicts=False)
+
+    def _held_targets(self, name: str) -> list[tuple[Target, str]]:
+        """Every alias and every stage holder of ``name``: all versions in a stage, not only its newest."""
+        held = [(Target("alias", alias), str(version)) for alias, version in self.get_registered_model(name).aliases.items()]
+        with self.ManagedSessionMaker() as session:
+            rows = session.query(SqlModelVersion.version, SqlModelVersion.current_stage).filter(
+                SqlModelVersion.name == name, SqlModelVersion.current_stage.notin_(UNGATED_STAGES)
+            ).all()
+        return held + [(Target("stage", stage), str(version)) for version, stage in rows]
 
     # -- tags the gate owns ------------------------------------------------------------
 

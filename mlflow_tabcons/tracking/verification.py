@@ -46,14 +46,18 @@ def protocol_settings(settings: ScorerSettings, protocol: Protocol) -> ScorerSet
         raise TabconsInputError(f"no sigma meets the policy: at least {protocol.min_sigma} and at most {protocol.max_sigma}")
     bound = settings.bound if settings.bound in protocol.bounds and settings.bound != "bernstein" else next(
         b for b in ("empirical-bernstein", "betting", "bernstein") if b in protocol.bounds)
-    precision = settings.precision if settings.precision in protocol.precisions else protocol.precisions[0]
-    noise = settings.noise if settings.noise in protocol.noises else protocol.noises[0]
-    perturb = settings.perturb if settings.perturb in protocol.perturbs else protocol.perturbs[0]
     return dataclasses.replace(
         settings, tau=max(settings.tau, protocol.min_tau), alpha=min(settings.alpha, protocol.max_alpha),
-        k=max(settings.k, protocol.min_k), sigma=sigma, bound=bound, precision=precision, noise=noise,
-        perturb=perturb, early_stop=settings.early_stop and protocol.allow_early_stop and bound == "betting",
+        k=max(settings.k, protocol.min_k), sigma=sigma, bound=bound,
+        precision=allowed_choice(settings.precision, protocol.precisions),
+        noise=allowed_choice(settings.noise, protocol.noises), perturb=allowed_choice(settings.perturb, protocol.perturbs),
+        early_stop=settings.early_stop and protocol.allow_early_stop and bound == "betting",
     )
+
+
+def allowed_choice(value: str, allowed: tuple[str, ...]) -> str:
+    """The model's own choice when the policy allows it (the scorer was built for it), else the policy's first."""
+    return value if value in allowed else allowed[0]
 
 
 def holdout_labels(model: TabconsModel, frame: pd.DataFrame, target: str | None) -> np.ndarray:
