@@ -45,6 +45,9 @@ def test_stage_names_are_canonical():
         ("version: 1\nprotocol: {min_tau: 2}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "protocol.min_tau must be in [-1.0, 1.0]"),
         ("version: 1\nprotocol: {bounds: [hoeffding]}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "must be one of"),
         ("version: 1\nprotocol: {min_k: 0}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "whole number >= 1"),
+        ("version: 1\nprotocol: {min_k: !!int many}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "whole number >= 1"),
+        ("version: 1\nprotocol: {min_sigma: !!float wide}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "must be a number"),
+        ("version: 1\nprotocol: {allow_early_stop: !!bool maybe}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "true or false"),
         ("version: 1\nprotocol: {evidence: signed}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "one of ['trainer', 'verified']"),
         ("version: 1\nprotocol: {holdout_sha256: abc}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "sha256 hex digest"),
         ("version: 1\nprotocol: {max_alpha: 0}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "strictly between 0 and 1"),
@@ -63,6 +66,12 @@ def test_malformed_policy_names_the_line(text, line, fragment):
     assert f"policy.yaml line {line}:" in caught.value.message
     assert fragment in caught.value.message
     assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_counts_read_every_yaml_integer_spelling():
+    for text, expected in (("0x10", 16), ("0b11", 3), ("1_000", 1000), ("1:30", 90)):
+        policy = parse_policy(f"version: 1\nprotocol: {{min_k: {text}}}\naliases:\n  c: {{min_accuracy: 0.5}}\n")
+        assert policy.protocol == {"min_k": expected}
 
 
 def test_empty_policy_is_an_error_not_allow_all():

@@ -70,6 +70,7 @@ class Gatekeeper:
     # -- reading the facts -------------------------------------------------------------
 
     def policy(self) -> tuple[Policy | None, str | None]:
+        """The current policy, or None and why it cannot be used (every protected promotion is then refused)."""
         try:
             return self.policy_file.current(), None
         except PolicyError as error:
@@ -90,20 +91,21 @@ class Gatekeeper:
         return evidence
 
     def trusted_evidence(self, name: str, version: str, protocol: Protocol) -> tuple[Evidence | None, str | None]:
-        """The first evidence the protocol accepts that is present (verifier's first), or why there is none."""
+        """The first evidence the protocol accepts that is present (verifier's first), or why there is none.
+
+        Only that one is read: evidence present but refused is not passed over for the next role's.
+        """
         try:
             model_version = self.store.get_model_version(name, version)
             location = storage_location(self.store, name, version)
-            for role in protocol.roles:
-                value = model_version.tags.get(EVIDENCE_TAGS[role])
-                if value is not None:
-                    return self.bound_evidence(value, role, model_version.run_id, location), None
-            verify_evidence(None, signing_key(protocol.roles[-1]), protocol.roles[-1])  # raises: says what is missing
+            role = next((r for r in protocol.roles if EVIDENCE_TAGS[r] in model_version.tags), protocol.roles[-1])
+            value = model_version.tags.get(EVIDENCE_TAGS[role])  # None: refused below, saying what is missing
+            return self.bound_evidence(value, role, model_version.run_id, location), None
         except MlflowException as error:
             return None, f"{name} version {version}: {error.message}"
-        raise AssertionError("verify_evidence(None, ...) always raises")
 
     def incumbent(self, model: str, target: Target, session: Session, protocol: Protocol) -> Incumbent | None:
+        """What ``max_churn`` compares with: the current holder, else the audit trail's last allowed one, else None."""
         holder = self._current_holder(model, target, session)
         if holder is not None:
             evidence, problem = self.trusted_evidence(model, holder, protocol)
@@ -194,6 +196,7 @@ class Gatekeeper:
     # -- deciding ----------------------------------------------------------------------
 
     def judge(self, case: Case, session: Session) -> Verdict:
+        """The verdict on one case, from the facts read inside the caller's locked transaction."""
         policy, policy_problem = self.policy()
         problems = [policy_problem] if policy_problem else []
         protocol = policy.protocol_for(case.model, case.target) if policy is not None else DEFAULT_PROTOCOL
@@ -270,7 +273,8 @@ class Gatekeeper:
         if refusal is not None:
             raise GateRefusal(refusal)
 
-    def checked_initial_tags(self, tags: list, run_id: str | None, location: str | None) -> list:
+    def checked_initial_tags(self, tags: list[ModelVersionTag], run_id: str | None,
+                             location: str | None) -> list[ModelVersionTag]:
         """Initial tags of a new version. A copy (``location`` set) keeps evidence that verifies for it and drops the
         source's verdicts and break-glass; a fresh version gets evidence only after it exists (``attach_evidence``)."""
         kept = []

@@ -62,7 +62,8 @@ _PROTOCOL_SCHEMA: dict[str, tuple[str, Any]] = {
 }
 assert set(_PROTOCOL_SCHEMA) == set(PROTOCOL_KEYS)
 _SHA256 = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
-_FLOAT_TAGS = ("tag:yaml.org,2002:float", "tag:yaml.org,2002:int")
+_INT_TAG = "tag:yaml.org,2002:int"
+_FLOAT_TAGS = ("tag:yaml.org,2002:float", _INT_TAG)
 
 
 class PolicyError(TabconsInputError):
@@ -92,10 +93,20 @@ class _Reader:
             entries[key] = (key_node, value_node)
         return entries
 
+    def typed(self, node: yaml.Node, tags: tuple[str, ...], types: tuple[type, ...], what: str, expected: str) -> Any:
+        """A scalar YAML tags as one of ``tags`` whose text reads as one of ``types`` (``!!int abc`` and ``0x1G`` do not)."""
+        value = None
+        if isinstance(node, yaml.ScalarNode) and node.tag in tags:
+            try:
+                value = yaml.safe_load(node.value)
+            except yaml.YAMLError:
+                value = None
+        if not isinstance(value, types) or isinstance(value, bool) != (bool in types):
+            raise self.fail(node, f"{what} must be {expected}, got {getattr(node, 'value', node)!r}")
+        return value
+
     def number(self, node: yaml.Node, what: str, low: float | None = 0.0, high: float | None = 1.0) -> float:
-        if not isinstance(node, yaml.ScalarNode) or node.tag not in _FLOAT_TAGS:
-            raise self.fail(node, f"{what} must be a number, got {getattr(node, 'value', node)!r}")
-        value = float(yaml.safe_load(node.value))
+        value = float(self.typed(node, _FLOAT_TAGS, (int, float), what, "a number"))
         if (low, high) == (0.0, 1.0) and not (math.isfinite(value) and 0.0 <= value <= 1.0):
             raise self.fail(node, f"{what} must be a fraction in [0, 1], got {node.value}")
         if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value > high):
@@ -103,9 +114,10 @@ class _Reader:
         return value
 
     def count(self, node: yaml.Node, what: str) -> int:
-        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:int" or int(node.value) < 1:
-            raise self.fail(node, f"{what} must be a whole number >= 1, got {getattr(node, 'value', node)!r}")
-        return int(node.value)
+        value = self.typed(node, (_INT_TAG,), (int,), what, "a whole number >= 1")
+        if value < 1:
+            raise self.fail(node, f"{what} must be a whole number >= 1, got {node.value!r}")
+        return value
 
     def text(self, node: yaml.Node, what: str) -> str:
         if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:str" or not node.value.strip():
@@ -167,9 +179,7 @@ class _Reader:
         return BreakGlass(**settings)
 
     def boolean(self, node: yaml.Node, what: str) -> bool:
-        if not isinstance(node, yaml.ScalarNode) or node.tag != "tag:yaml.org,2002:bool":
-            raise self.fail(node, f"{what} must be true or false, got {getattr(node, 'value', node)!r}")
-        return bool(yaml.safe_load(node.value))
+        return self.typed(node, ("tag:yaml.org,2002:bool",), (bool,), what, "true or false")
 
     def rule_set(self, node: yaml.Node, what: str, *, overriding: bool) -> dict[str, Any]:
         rules: dict[str, Any] = {}
@@ -219,6 +229,7 @@ class _Reader:
 
 
 def parse_policy(text: str, source: str = "<string>") -> Policy:
+    """The policy in ``text``; any mistake raises ``PolicyError`` naming ``source`` and the line."""
     reader = _Reader(source)
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -251,6 +262,7 @@ def parse_policy(text: str, source: str = "<string>") -> Policy:
 
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
+    """The policy file at ``path``, parsed strictly (see ``parse_policy``)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -260,6 +272,7 @@ def load_policy(path: str | os.PathLike[str]) -> Policy:
 
 
 def policy_path_from_env() -> Path:
+    """The policy path ``TABCONS_POLICY`` names: a gated store without a policy is a startup error, never allow-all."""
     value = os.environ.get(POLICY_ENV)
     if not value:
         raise PolicyError(
