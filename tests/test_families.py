@@ -99,11 +99,12 @@ def test_left_and_right_padding_give_the_same_answer(tiny_dirs, kind):
     torch.testing.assert_close(alone, right, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("depth", [0, 1])
 @pytest.mark.parametrize("kind", [*DECODERS, "bert"])
-def test_frozen_prefix_path_equals_the_uncached_forward(tiny_dirs, kind):
+def test_frozen_prefix_path_equals_the_uncached_forward(tiny_dirs, kind, depth):
+    """Depth 1: the cache below the one adapted layer; depth 0 (LoRA on every layer): the embeddings' output."""
     _, tokenizer, classifier = _member(tiny_dirs[kind], layers=1)
-    depth = classifier.prefix_layers(1)
-    assert depth == 1
+    assert classifier.prefix_layers(1) == 1 and classifier.prefix_layers(None) == 0
     ids, mask = pad(_ids(tokenizer))
     with torch.no_grad():
         cached = classifier.frozen_prefix(ids, mask, depth)
@@ -115,8 +116,10 @@ def test_frozen_prefix_path_equals_the_uncached_forward(tiny_dirs, kind):
 
 
 def test_encoder_decoder_has_no_prefix_cache(tiny_dirs):
-    _, _, classifier = _member(tiny_dirs["t5"], layers=1)
+    _, tokenizer, classifier = _member(tiny_dirs["t5"], layers=1)
     assert classifier.prefix_layers(1) == 0
+    with pytest.raises(TabconsInputError, match="needs one layer stack"):
+        classifier.frozen_prefix(*pad(_ids(tokenizer)), 0)
 
 
 def test_answer_words_come_from_the_dictionary_or_read_as_yes_no():

@@ -18,7 +18,7 @@ DEFAULT_RESAMPLES = 2000
 
 
 def bootstrap_indices(n: int, resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> np.ndarray:
-    """(resamples, n) row indices drawn with replacement; row 0 of the result is the identity (the point estimate)."""
+    """(resamples + 1, n) row indices: row 0 is the identity (the point estimate), then ``resamples`` draws with replacement."""
     check_int("rows", n, minimum=1)
     check_int("resamples", resamples, minimum=1)
     generator = np.random.default_rng(seed)

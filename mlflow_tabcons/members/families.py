@@ -45,6 +45,7 @@ def lora_target_modules(config: Any) -> list[str] | str:
 
 
 def num_layers(config: Any) -> int | None:
+    """The transformer layer count the config states (T5 maps it to ``num_layers``), or None."""
     return getattr(config, "num_hidden_layers", None)
 
 

@@ -8,10 +8,10 @@ starts from it (``logits_from_prefix``).
 Both halves run the checkpoint's own forward on a shortened layer list, so the
 architecture's own masks (bidirectional or causal, sliding windows), rotary or
 absolute positions and final norm apply unchanged: the prefix half captures the
-output of the last frozen layer, the other half runs the layers above and puts
-the cached states in where its first layer reads its input. Positions come from
-the attention mask, so left and right padding give the same result. Models with
-two layer stacks (T5's encoder and decoder) are not cached.
+state entering the first adapted layer (and stops there), the other half runs
+the layers from there up and puts the cached states in where that layer reads
+its input (at depth 0, the embeddings' output). Models with two layer stacks
+(T5's encoder and decoder) are not cached and have no hidden site.
 
 ``classifier`` below is a ``TabularClassifier`` (members/classifier.py builds on
 this module): its ``backbone``, ``embed``, ``hidden_states`` and ``classify``.
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
 
+from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.batching import pad
 from mlflow_tabcons.members.families import layer_stacks
 
@@ -41,7 +41,13 @@ def prefix_depth(backbone: nn.Module, lora_layers: int | None) -> int:
 @contextmanager
 def _only_layers(backbone: nn.Module, start: int, stop: int | None) -> Iterator[nn.ModuleList]:
     """Run ``backbone`` with only its layers ``start:stop`` (and their per-layer attention types)."""
-    (name, layers), = layer_stacks(backbone)
+    stacks = layer_stacks(backbone)
+    if len(stacks) != 1:
+        raise TabconsInputError(
+            f"the hidden state between layers needs one layer stack; this {backbone.config.model_type!r} model has "
+            f"{len(stacks)} ({', '.join(name for name, _ in stacks) or 'none found'}): perturb at embeddings or values"
+        )
+    (name, layers), = stacks
     parent_name, _, attribute = name.rpartition(".")
     parent = backbone.get_submodule(parent_name) if parent_name else backbone
     config = backbone.config
@@ -60,18 +66,24 @@ def _only_layers(backbone: nn.Module, start: int, stop: int | None) -> Iterator[
             config.layer_types = saved["layer_types"]
 
 
-def _first(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
+class _Reached(Exception):
+    """Stops a forward pass once the state entering a layer has been captured: nothing above it is needed."""
 
 
 def frozen_prefix(classifier: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, depth: int) -> torch.Tensor:
-    """Hidden states (B, L, d) after the embeddings and the first ``depth`` layers."""
-    backbone = classifier.backbone
+    """Hidden states (B, L, d) entering layer ``depth``: the embeddings' output after the first ``depth`` layers."""
     captured: list[torch.Tensor] = []
-    with _only_layers(backbone, 0, depth) as layers:
-        handle = layers[-1].register_forward_hook(lambda _module, _args, output: captured.append(_first(output)))
+
+    def capture(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _Reached
+
+    with _only_layers(classifier.backbone, 0, depth + 1) as layers:
+        handle = layers[depth].register_forward_pre_hook(capture, with_kwargs=True)
         try:
             classifier.hidden_states(classifier.embed(input_ids), attention_mask)
+        except _Reached:
+            pass
         finally:
             handle.remove()
     return captured[-1]
