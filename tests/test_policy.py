@@ -54,6 +54,7 @@ def test_stage_names_are_canonical():
         ("version: 1\nprotocol: {mn_k: 3}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "unknown key 'mn_k'"),
         ("version: 1\naliases:\n  c: {protocol: {min_k: 8}}\n", 3, "has no rules"),
         ("version: 1\naliases:\n  c: {min_accuracy: 0.5}\n  C: {min_accuracy: 0.6}\n", 4, "named twice"),
+        ("version: 1\nstages:\n  Production: {min_accuracy: 0.9}\n  production: {min_accuracy: 0.1}\n", 4, "named twice"),
         ("version: 2\naliases:\n  c: {min_accuracy: 0.5}\n", 1, "version: 1"),
         ("version: 1\naliases:\n  c: [\n", 4, "not valid YAML"),
         ("version: 1\nmodels:\n  m:\n    alias: {}\n", 4, "unknown key 'alias' in models.m"),

@@ -16,7 +16,8 @@ from mlflow_tabcons.data.tables import load_dataset
 from mlflow_tabcons.gate.evidence import VERIFIED_EVIDENCE_TAG, verify_evidence
 from mlflow_tabcons.gate.protocol import Protocol
 from mlflow_tabcons.scoring.consistency import ScorerSettings
-from mlflow_tabcons.tracking.verification import protocol_settings
+from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.tracking.verification import protocol_settings, verify_version
 
 # A tiny random checkpoint cannot beat the majority rate: this policy waives that one protocol item, nothing else.
 POLICY = """\
@@ -39,6 +40,15 @@ def test_protocol_settings_keep_allowed_choices_and_tighten_the_rest():
     measured = protocol_settings(settings, protocol)
     assert (measured.noise, measured.perturb, measured.precision) == ("gaussian", "hidden", "float32")
     assert (measured.k, measured.tau, measured.alpha, measured.sigma) == (64, 0.5, 0.05, 0.5)
+
+
+@pytest.mark.parametrize(("content", "fragment"), [(b"", "not a readable CSV"), (b"a,a\n1,2\n", "duplicate column"),
+                                                  (b"a\n\xff\n", "not UTF-8")])
+def test_a_bad_holdout_is_named_before_the_registry_is_asked(tmp_path, content, fragment):
+    holdout = tmp_path / "holdout.csv"
+    holdout.write_bytes(content)
+    with pytest.raises(TabconsInputError, match=fragment):
+        verify_version("credit", "1", holdout, registry_uri=f"sqlite:///{tmp_path / 'absent.db'}")
 
 
 @pytest.mark.slow

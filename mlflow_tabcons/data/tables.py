@@ -183,22 +183,25 @@ def _read_file(source: str) -> pd.DataFrame:
             raise TabconsInputError(f"{path} is not a readable Parquet file: {error}") from None
     if suffix not in (".csv", ".txt", ".tsv"):
         raise TabconsInputError(f"{path}: unsupported file type {suffix!r}; use .csv or .parquet")
-    raw = path.read_bytes()
+    return csv_from_bytes(path.read_bytes(), str(path), "\t" if suffix == ".tsv" else ",")
+
+
+def csv_from_bytes(raw: bytes, source: str, delimiter: str = ",") -> pd.DataFrame:
+    """The table in ``raw`` (UTF-8 CSV): callers that hash a file parse the very bytes they hashed."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise TabconsInputError(
-            f"{path} is not UTF-8 text (byte {raw[error.start]:#x} at offset {error.start}); re-save it as UTF-8"
+            f"{source} is not UTF-8 text (byte {raw[error.start]:#x} at offset {error.start}); re-save it as UTF-8"
         ) from None
-    delimiter = "\t" if suffix == ".tsv" else ","
     header = next(csv.reader(io.StringIO(text), delimiter=delimiter), [])
     duplicates = sorted({c for c in header if header.count(c) > 1})
     if duplicates:
-        raise TabconsInputError(f"{path} has duplicate column names: {duplicates}")
+        raise TabconsInputError(f"{source} has duplicate column names: {duplicates}")
     try:
         return pd.read_csv(io.StringIO(text), sep=delimiter)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise TabconsInputError(f"{path} is not a readable CSV file: {error}") from None
+        raise TabconsInputError(f"{source} is not a readable CSV file: {error}") from None
 
 
 def _load_openml(name_or_id: str) -> tuple[pd.DataFrame, str]:

@@ -222,6 +222,8 @@ class _Reader:
                 canonical = next((s for s in STAGES if s.lower() == stage.lower()), None)
                 if canonical is None:
                     raise self.fail(key_node, f"unknown stage {stage!r}; MLflow's stages are {list(STAGES)}")
+                if f"stage:{canonical}" in found:
+                    raise self.fail(key_node, f"stage {canonical!r} is named twice (stages compare case-insensitively)")
                 found[f"stage:{canonical}"] = self.rule_set(value, f"{what}stages.{stage}", overriding=overriding)
         if "copy" in entries:
             found["copy"] = self.rule_set(entries["copy"][1], f"{what}copy", overriding=overriding)

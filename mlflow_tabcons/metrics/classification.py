@@ -26,21 +26,24 @@ def auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
 
 
-def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
-    """Mean negative log-probability of the true class (cross-entropy), probabilities clipped at ``eps``."""
+def _checked(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Class ids (n,) and probabilities (n, C) in [0, 1], one row per label."""
     labels = check_array("labels", labels, ndim=1, min_shape=(1,), dtype=np.int64)
     probabilities = check_array("probabilities", probabilities, ndim=2, low=0.0, high=1.0)
     if probabilities.shape[0] != labels.shape[0]:
         raise TabconsInputError(f"{labels.shape[0]} labels but {probabilities.shape[0]} rows of probabilities")
+    return labels, probabilities
+
+
+def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
+    """Mean negative log-probability of the true class (cross-entropy), probabilities clipped at ``eps``."""
+    labels, probabilities = _checked(labels, probabilities)
     return float(-np.mean(np.log(np.clip(probabilities[np.arange(labels.size), labels], eps, 1.0))))
 
 
 def classification_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     """accuracy, balanced_accuracy and auroc of one model's class probabilities (n, C)."""
-    labels = check_array("labels", labels, ndim=1, min_shape=(1,), dtype=np.int64)
-    probabilities = check_array("probabilities", probabilities, ndim=2, low=0.0, high=1.0)
-    if probabilities.shape[0] != labels.shape[0]:
-        raise TabconsInputError(f"{labels.shape[0]} labels but {probabilities.shape[0]} rows of probabilities")
+    labels, probabilities = _checked(labels, probabilities)
     predicted = probabilities.argmax(axis=1)
     return {
         "accuracy": float(np.mean(predicted == labels)),

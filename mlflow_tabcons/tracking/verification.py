@@ -21,6 +21,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from mlflow_tabcons.data.tables import csv_from_bytes
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.flavor import load_model
 from mlflow_tabcons.flavor.packaged import TabconsModel
@@ -99,7 +100,7 @@ def verify_version(name: str, version: str, holdout: str | Path, *, target: str 
         raw = holdout.read_bytes()
     except OSError as error:
         raise TabconsInputError(f"cannot read the holdout {holdout}: {error.strerror}") from None
-    frame = pd.read_csv(holdout)
+    frame = csv_from_bytes(raw, f"the holdout {holdout}")  # the rows measured are the bytes eval_digest names
     if frame.empty:
         raise TabconsInputError(f"the holdout {holdout} has no rows")
     client = mlflow.MlflowClient(registry_uri=registry_uri)
