@@ -21,12 +21,14 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 from conftest import ADMIN_URI_FIXTURES, SQL_BACKENDS, new_database
-from gate_support import KEY, POLICY, VERIFIER_KEY, evidence, new_version
+from gate_support import KEY, POLICY, VERIFIER_KEY, evidence, model_files, new_version
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
 from mlflow_tabcons.gate import audit_trail
+from mlflow_tabcons.gate.artifacts import directory_digest
+from mlflow_tabcons.gate.binding import attach_evidence
 from mlflow_tabcons.gate.evidence import (
     BREAK_GLASS_TAG,
     EVIDENCE_TAG,
@@ -363,6 +365,20 @@ def weak_production_holder_behind_a_newer_one(arena: Arena) -> None:
     arena.client.rename_registered_model("sandbox-credit", MODEL)
 
 
+def weights_behind_a_linked_directory(arena: Arena) -> None:
+    """The weights sit in a directory the model folder links to, and are rewritten after the evidence is signed."""
+    outside, folder = model_files(), model_files()
+    digest = directory_digest(folder)  # what the files outside the link leave to hash
+    (folder / "weights").symlink_to(outside, target_is_directory=True)
+    run_id = arena.client.create_run("0").info.run_id
+    arena.client.create_registered_model(MODEL)
+    version = arena.aim(arena.client.create_model_version(MODEL, str(folder), run_id))
+    attach_evidence(arena.client, MODEL, version.version, evidence(run_id, lower=0.95, model_sha256=digest), key=KEY)
+    with open(outside / "model.safetensors", "ab") as weights:
+        weights.write(b"\0")
+    arena.client.set_registered_model_alias(MODEL, "champion", version.version)
+
+
 # attack -> whether its refusal must be in the audit trail (hand-written reserved tags are refused before any audit)
 ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     "forged unsigned evidence": (forged_unsigned_evidence, True),
@@ -404,6 +420,8 @@ ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     "churn rule dodged by renaming a sandbox into the deleted model's name": (churn_dodged_by_renaming_a_sandbox_in, True),
     "the protected model's protocol dodged by a rename": (protocol_dodged_by_renaming, True),
     "a weak Production holder behind a newer one, renamed in": (weak_production_holder_behind_a_newer_one, True),
+    # the linked directory is refused when the evidence is attached, before any promotion
+    "weights behind a linked directory rewritten after signing": (weights_behind_a_linked_directory, False),
 }
 if os.geteuid() != 0:  # root reads a mode-000 file anyway
     ATTACKS["policy file mode 000"] = (_policy_made_unusable(_unreadable), True)

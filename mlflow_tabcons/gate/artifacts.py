@@ -34,8 +34,18 @@ def _file_digest(path: Path) -> str:
 
 
 def directory_digest(root: str | os.PathLike[str]) -> str:
-    """``sha256:`` over the sorted (relative path, file sha256) pairs of every file under ``root``."""
+    """``sha256:`` over the sorted (relative path, file sha256) pairs of every file under ``root``.
+
+    A link to a directory is refused: its files would be read when the model loads but never hashed, so they
+    could be rewritten after signing. (A link to a file is hashed as the file it points to, on every check.)
+    """
     root = Path(root)
+    linked = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_symlink() and p.is_dir())
+    if linked:
+        raise TabconsInputError(
+            f"the model files at {root} link to directories ({', '.join(linked)}): files behind a link are not bound "
+            "to the evidence; store the files themselves"
+        )
     files = sorted(p for p in root.rglob("*") if p.is_file())
     if not files:
         raise TabconsInputError(f"no model files at {root}")
