@@ -1,23 +1,27 @@
-"""End to end: train a tiny ensemble, `tabcons verify` it on a holdout CSV, promote through the gated registry."""
+"""`tabcons verify`: the protocol it measures under, holdouts it refuses, and end to end (train a tiny ensemble,
+verify it on a holdout CSV, promote through the gated registry)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 from gate_support import KEY, VERIFIER_KEY
 
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.data.tables import load_dataset
+from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.flavor.packaged import TabconsModel
 from mlflow_tabcons.gate.evidence import VERIFIED_EVIDENCE_TAG, verify_evidence
 from mlflow_tabcons.gate.protocol import Protocol
 from mlflow_tabcons.scoring.consistency import ScorerSettings
-from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.tracking.verification import protocol_settings, verify_version
+from mlflow_tabcons.tracking.verification import holdout_labels, measure_holdout, protocol_settings, verify_version
 
 # A tiny random checkpoint cannot beat the majority rate: this policy waives that one protocol item, nothing else.
 POLICY = """\
@@ -49,6 +53,14 @@ def test_a_bad_holdout_is_named_before_the_registry_is_asked(tmp_path, content, 
     holdout.write_bytes(content)
     with pytest.raises(TabconsInputError, match=fragment):
         verify_version("credit", "1", holdout, registry_uri=f"sqlite:///{tmp_path / 'absent.db'}")
+
+
+def test_a_holdout_missing_a_feature_is_named():
+    model = types.SimpleNamespace(columns=["age", "job"], required=[], labels=["no", "yes"])
+    model.check_frame = lambda frame: TabconsModel.check_frame(model, frame)
+    frame = pd.DataFrame({"age": [41, 7], "risk": ["no", "yes"]})
+    with pytest.raises(TabconsInputError, match=r"missing column\(s\) \['job'\]"):
+        measure_holdout(model, frame, holdout_labels(model, frame, "risk"), ScorerSettings())
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import hashlib
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -77,9 +78,9 @@ def holdout_labels(model: TabconsModel, frame: pd.DataFrame, target: str | None)
     return np.array([names[str(v)] for v in frame[target]])
 
 
-def measure_holdout(model: TabconsModel, frame: pd.DataFrame, labels: np.ndarray, settings: ScorerSettings) -> dict:
-    """Score every holdout row and summarize what the gate reads."""
-    frame = model.check_frame(frame)
+def measure_holdout(model: TabconsModel, frame: pd.DataFrame, labels: np.ndarray, settings: ScorerSettings) -> dict[str, Any]:
+    """Score every holdout row (its feature columns; a missing one is named) and summarize what the gate reads."""
+    frame = model.check_frame(frame)[model.columns]
     input_ids = encode(model.tokenizer, model.serializer.serialize_frame(frame), None, model.max_length).input_ids
     scores = model.scorer(**settings.to_dict()).score(input_ids)
     count = int(scores.certified.sum())
@@ -114,7 +115,7 @@ def verify_version(name: str, version: str, holdout: str | Path, *, target: str 
         model = load_model(local)
         labels = holdout_labels(model, frame, target)
         settings = protocol_settings(model.settings, protocol)
-        measured = measure_holdout(model, frame[model.columns], labels, settings)
+        measured = measure_holdout(model, frame, labels, settings)
     evidence = Evidence(
         run_id=model_version.run_id, role=VERIFIER, n_eval=len(frame), k=settings.k, sigma=settings.sigma,
         sigma_mode=settings.sigma_mode, alpha=settings.alpha, tau=settings.tau, bound=settings.bound,
