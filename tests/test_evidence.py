@@ -148,4 +148,6 @@ def test_key_sources_and_the_demo_key_files(tmp_path, monkeypatch):
 def test_reserved_tags():
     assert all(ev.is_reserved_tag(k) for k in ("tabcons.evidence", "tabcons.verdict.champion", "tabcons.audit.x"))
     assert ev.is_reserved_tag("tabcons.evidence.verified")
+    assert ev.is_reserved_tag("TABCONS.Evidence.Verified")  # one row with the real key on MySQL and MariaDB
+    assert ev.is_break_glass_tag("Tabcons.Break_Glass.champion") and not ev.is_break_glass_tag("tabcons.break_glassy")
     assert not any(ev.is_reserved_tag(k) for k in ("tabcons.break_glass.champion", "tabcons.role", "owner"))

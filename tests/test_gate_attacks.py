@@ -379,6 +379,17 @@ def weights_behind_a_linked_directory(arena: Arena) -> None:
     arena.client.set_registered_model_alias(MODEL, "champion", version.version)
 
 
+def verifier_evidence_hidden_by_a_case_variant_key(arena: Arena) -> None:
+    """The verifier found the version short; the trainer writes the verifier's tag key in upper case, which on
+    MySQL and MariaDB (keys compare case-insensitively) renames the verifier's row, so only the trainer's evidence is left."""
+    version = arena.aim(new_version(arena.client, MODEL, lower=0.95))
+    content = json.loads(arena.client.get_model_version(MODEL, version.version).tags[EVIDENCE_TAG])["evidence"]["model_sha256"]
+    verified = evidence(version.run_id, lower=0.5, role="verifier", model_sha256=content)
+    attach_evidence(arena.client, MODEL, version.version, verified, key=VERIFIER_KEY)
+    arena.client.set_model_version_tag(MODEL, version.version, VERIFIED_EVIDENCE_TAG.upper(), "gone")
+    arena.client.set_registered_model_alias(MODEL, "champion", version.version)
+
+
 # attack -> whether its refusal must be in the audit trail (hand-written reserved tags are refused before any audit)
 ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     "forged unsigned evidence": (forged_unsigned_evidence, True),
@@ -422,6 +433,8 @@ ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     "a weak Production holder behind a newer one, renamed in": (weak_production_holder_behind_a_newer_one, True),
     # the linked directory is refused when the evidence is attached, before any promotion
     "weights behind a linked directory rewritten after signing": (weights_behind_a_linked_directory, False),
+    # a gate tag in any spelling is the gate's: refused before any audit
+    "the verifier's evidence hidden behind its tag key in upper case": (verifier_evidence_hidden_by_a_case_variant_key, False),
 }
 if os.geteuid() != 0:  # root reads a mode-000 file anyway
     ATTACKS["policy file mode 000"] = (_policy_made_unusable(_unreadable), True)

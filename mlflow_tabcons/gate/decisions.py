@@ -27,7 +27,14 @@ from sqlalchemy.orm import Session
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.gate import audit
 from mlflow_tabcons.gate.binding import check_binding, storage_location
-from mlflow_tabcons.gate.evidence import BREAK_GLASS_TAG, EVIDENCE_TAGS, Evidence, is_reserved_tag, verify_evidence
+from mlflow_tabcons.gate.evidence import (
+    BREAK_GLASS_TAG,
+    EVIDENCE_TAGS,
+    Evidence,
+    is_break_glass_tag,
+    is_reserved_tag,
+    verify_evidence,
+)
 from mlflow_tabcons.gate.keys import signing_key
 from mlflow_tabcons.gate.loading import PolicyError, PolicyFile
 from mlflow_tabcons.gate.protocol import DEFAULT_PROTOCOL, Protocol
@@ -279,11 +286,11 @@ class Gatekeeper:
         source's verdicts and break-glass; a fresh version gets evidence only after it exists (``attach_evidence``)."""
         kept = []
         for tag in tags:
-            if location is not None and (tag.key.startswith(VERDICT_TAG_PREFIX) or tag.key.startswith(BREAK_GLASS_TAG)):
+            if location is not None and (tag.key.lower().startswith(VERDICT_TAG_PREFIX) or is_break_glass_tag(tag.key)):
                 continue
             if tag.key in ROLE_OF_TAG and location is not None:
                 self.bound_evidence(tag.value, ROLE_OF_TAG[tag.key], run_id, location)
-            elif is_reserved_tag(tag.key) or tag.key.startswith(BREAK_GLASS_TAG):
+            elif is_reserved_tag(tag.key) or is_break_glass_tag(tag.key):
                 raise GateRefusal(f"tag {tag.key!r} cannot be set when creating a version; only the tabcons gate writes it "
                                   "(evidence is attached once the version exists)")
             kept.append(tag)

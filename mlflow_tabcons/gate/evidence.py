@@ -237,5 +237,12 @@ def verify_evidence(value: str | None, key: bytes | None, role: str = TRAINER) -
 
 
 def is_reserved_tag(key: str) -> bool:
-    """Tag keys the gate owns; nobody may set or delete them by hand."""
-    return key.startswith(RESERVED_TAG_PREFIXES)
+    """Tag keys the gate owns, in any spelling (MySQL and MariaDB compare keys case-insensitively, so
+    ``TABCONS.EVIDENCE`` is the row ``tabcons.evidence``); nobody may set or delete them by hand."""
+    return key.lower().startswith(RESERVED_TAG_PREFIXES)
+
+
+def is_break_glass_tag(key: str) -> bool:
+    """A break-glass tag (``tabcons.break_glass`` or ``tabcons.break_glass.<target>``), in any spelling."""
+    key = key.lower()
+    return key == BREAK_GLASS_TAG or key.startswith(BREAK_GLASS_TAG + ".")

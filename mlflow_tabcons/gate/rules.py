@@ -63,7 +63,7 @@ class Target:
     @classmethod
     def from_break_glass_tag(cls, key: str) -> Target | None:
         """The target a ``tabcons.break_glass.<alias>`` / ``.stage.<Stage>`` / ``.copy`` key names, or None."""
-        suffix = key[len(BREAK_GLASS_TAG) + 1:] if key.startswith(BREAK_GLASS_TAG + ".") else ""
+        suffix = key[len(BREAK_GLASS_TAG) + 1:] if key.lower().startswith(BREAK_GLASS_TAG + ".") else ""
         if not suffix:
             return None
         if suffix == "copy":

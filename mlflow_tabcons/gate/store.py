@@ -26,7 +26,7 @@ from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.gate import audit
 from mlflow_tabcons.gate.binding import storage_location
 from mlflow_tabcons.gate.decisions import ROLE_OF_TAG, GateRefusal, Gatekeeper
-from mlflow_tabcons.gate.evidence import BREAK_GLASS_TAG, is_reserved_tag
+from mlflow_tabcons.gate.evidence import is_break_glass_tag, is_reserved_tag
 from mlflow_tabcons.gate.loading import PolicyFile, policy_path_from_env
 from mlflow_tabcons.gate.rules import Target
 from mlflow_tabcons.gate.transactions import SharedSessions
@@ -43,10 +43,6 @@ def database_uri(store_uri: str) -> str:
     if not store_uri.startswith(SCHEME_PREFIX):
         raise TabconsInputError(f"a tabcons registry URI starts with {SCHEME_PREFIX!r}, got {store_uri!r}")
     return store_uri[len(SCHEME_PREFIX):]
-
-
-def _is_break_glass(key: str) -> bool:
-    return key == BREAK_GLASS_TAG or key.startswith(BREAK_GLASS_TAG + ".")
 
 
 class GatedRegistryStore(SqlAlchemyStore):
@@ -152,7 +148,7 @@ class GatedRegistryStore(SqlAlchemyStore):
     def set_model_version_tag(self, name, version, tag):
         if tag.key in ROLE_OF_TAG:
             return self.gate.set_evidence(name, str(version), tag)
-        if _is_break_glass(tag.key):
+        if is_break_glass_tag(tag.key):
             return self.gate.arm_break_glass(name, str(version), tag.key, tag.value)
         if is_reserved_tag(tag.key):
             raise GateRefusal(f"tag {tag.key!r} is written only by the tabcons gate; it cannot be set by hand")
@@ -178,5 +174,5 @@ class GatedRegistryStore(SqlAlchemyStore):
 
     @staticmethod
     def _refuse_reserved_model_tag(key: str) -> None:
-        if is_reserved_tag(key) or _is_break_glass(key):
+        if is_reserved_tag(key) or is_break_glass_tag(key):
             raise GateRefusal(f"tag {key!r} belongs to the tabcons gate; registered-model tags may not use it")
