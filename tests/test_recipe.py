@@ -8,7 +8,8 @@ import pytest
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.classifier import load_base_model, load_tokenizer
 from mlflow_tabcons.members.recipe import STEPS, SearchSettings, Trial, planned_trials, search_recipe
-from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, encode
+from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, balanced_class_weights, encode
+from mlflow_tabcons.metrics.classification import log_loss
 
 TEXTS = ["colour: red. size: 3 (high).", "colour: blue. size: 1 (low).", "colour: red. size: 2 (medium).", "colour: blue. size: 3 (high)."]
 PLAIN = ["colour: red. size: 3.", "colour: blue. size: 1.", "colour: red. size: 2.", "colour: blue. size: 3."]
@@ -32,6 +33,25 @@ def test_returning_true_from_on_epoch_stops_training(parts):
     member = trainer.train_member(0, on_epoch=lambda record: record["epoch"] >= 2)
     assert [h["epoch"] for h in member.history] == [1.0, 2.0]
     assert "val_loss" in member.history[0] and member.history[0]["val_loss"] > 0
+
+
+@pytest.mark.parametrize("class_weight", ["balanced", "none"])
+def test_early_stopping_watches_the_loss_training_minimizes(parts, class_weight):
+    """A balanced head's plain log loss on imbalanced rows rises as it leaves the uniform prior: not the objective."""
+    tokenizer, base = parts
+    labels = np.array([1, 1, 1, 0] * 4)  # 75/25: weighting changes the loss
+    rows = encode(tokenizer, TEXTS * 4, labels, 64)
+    # class_prior equal to what the loss trains for, so the head is left as trained
+    settings = TrainSettings(epochs=2, batch_size=4, class_weight=class_weight,
+                             class_prior="uniform" if class_weight == "balanced" else "data")
+    trainer = EnsembleTrainer(base, 2, settings, rows, rows)
+    member = trainer.train_member(0)
+    probabilities = trainer.predict_proba(member.classifier, rows)
+    weights = balanced_class_weights(labels, 2).numpy()[labels] if class_weight == "balanced" else None
+    expected = log_loss(labels, probabilities, sample_weight=weights)
+    assert member.history[-1]["val_loss"] == pytest.approx(expected, rel=1e-5)
+    if class_weight == "balanced":
+        assert expected != pytest.approx(log_loss(labels, probabilities), rel=1e-3)
 
 
 def test_search_spends_its_budget_and_returns_the_best_trial(parts):

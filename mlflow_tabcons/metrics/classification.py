@@ -35,10 +35,13 @@ def _checked(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray,
     return labels, probabilities
 
 
-def log_loss(labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7) -> float:
-    """Mean negative log-probability of the true class (cross-entropy), probabilities clipped at ``eps``."""
+def log_loss(
+    labels: np.ndarray, probabilities: np.ndarray, eps: float = 1e-7, sample_weight: np.ndarray | None = None
+) -> float:
+    """(Weighted) mean negative log-probability of the true class (cross-entropy), probabilities clipped at ``eps``."""
     labels, probabilities = _checked(labels, probabilities)
-    return float(-np.mean(np.log(np.clip(probabilities[np.arange(labels.size), labels], eps, 1.0))))
+    losses = -np.log(np.clip(probabilities[np.arange(labels.size), labels], eps, 1.0))
+    return float(np.average(losses, weights=sample_weight))
 
 
 def classification_scores(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
