@@ -99,6 +99,13 @@ def trained_member(dataset: Any, shots: int, epochs: int, device: str, cache: st
         return load_classifier(saved)[0].to(device), tokenizer, serializer, split
 
 
+def eval_rows_available(data: str, wanted: int, target: str | None = None) -> int:
+    """``wanted`` evaluation rows, or all the test split has where it has fewer (split seed 0, as the runs use)."""
+    from mlflow_tabcons.data.tables import load_dataset, split_dataset
+
+    return min(wanted, len(split_dataset(load_dataset(data, target), seed=0).test))
+
+
 def write_result(payload: dict[str, Any], out: str | Path) -> Path:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, Clock, machine, write_result  # noqa: E402
+from common import RESULTS, Clock, eval_rows_available, machine, write_result  # noqa: E402
 
-from mlflow_tabcons.data.tables import load_dataset, split_dataset  # noqa: E402
 from mlflow_tabcons.evaluation.measures import json_ready, markdown_table  # noqa: E402
 from mlflow_tabcons.evaluation.objective import Objective, goal_checks  # noqa: E402
 from mlflow_tabcons.members.classifier import LoraSettings  # noqa: E402
@@ -112,14 +111,9 @@ def candidates(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dic
     return grid.candidates(), extra
 
 
-def _eval_rows(dataset: str, wanted: int) -> int:
-    test = len(split_dataset(load_dataset(dataset), seed=0).test)
-    return min(wanted, test)
-
-
 def _config(args: argparse.Namespace, dataset: str, shots: int, first: dict[str, Any]) -> TrainingConfig:
     return TrainingConfig(
-        data=dataset, shots=shots, seeds=args.seeds, eval_rows=_eval_rows(dataset, args.eval_rows), model=args.model,
+        data=dataset, shots=shots, seeds=args.seeds, eval_rows=eval_rows_available(dataset, args.eval_rows), model=args.model,
         experiment="tabcons-paper-table", register=None,
         train=TrainSettings(epochs=args.epochs, precision=args.train_precision, lora=LoraSettings(layers=args.lora_layers)),
         scorer=ScorerSettings(k=args.k, precision=args.scorer_precision, **first),

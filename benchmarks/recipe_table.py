@@ -41,9 +41,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, Clock, machine, write_result  # noqa: E402
+from common import RESULTS, Clock, eval_rows_available, machine, write_result  # noqa: E402
 
-from mlflow_tabcons.data.tables import load_dataset, split_dataset  # noqa: E402
 from mlflow_tabcons.scoring.consistency import ScorerSettings  # noqa: E402
 from mlflow_tabcons.tracking.config import TrainingConfig  # noqa: E402
 from mlflow_tabcons.tracking.training_job import run_training  # noqa: E402
@@ -74,9 +73,8 @@ def pydataset_csv(member: str, folder: Path) -> Path:
 def measure(name: str, seeds: int, eval_rows: int, k: int, folder: Path, model: str = "minilm") -> dict[str, Any]:
     source, target, provenance = TABLES[name]
     data = source if target is None else str(pydataset_csv(source, folder))
-    test_rows = len(split_dataset(load_dataset(data, target), seed=0).test)
     config = TrainingConfig(
-        data=data, target=target, shots=128, seeds=seeds, eval_rows=min(eval_rows, test_rows), register=None, model=model,
+        data=data, target=target, shots=128, seeds=seeds, eval_rows=eval_rows_available(data, eval_rows, target), register=None, model=model,
         experiment=f"recipe-{name}", scorer=ScorerSettings(k=k),
     )
     clock = Clock()
