@@ -145,14 +145,15 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{'yes' if r['members_learned'] else 'no'} | {'yes' if r['every_member_beats_majority'] else 'no'} | "
             f"{'yes' if r['half_of_logistic_margin'] else 'no'} | {r['seconds_recipe_search']:.0f} | {r['seconds_members']:.0f} |"
         )
-    lines += ["", "Chosen recipes:", "", "| table | numbers | learning rate (head) | class weight | LoRA rank / layers | epochs |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "Chosen recipes:", "", "| table | numbers | learning rate (head) | class weight | class prior | LoRA rank / layers | epochs |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in payload["tables"].values():
         c = r["recipe"]
         if c:
             lines.append(
                 f"| {r['table']} | {c.get('numbers')} | {float(c['train.learning_rate']):g} ({float(c['train.head_learning_rate']):g}) | "
-                f"{c.get('train.class_weight')} | {c.get('train.lora.rank')} / {c.get('train.lora.layers')} | {c.get('train.epochs')} |"
+                f"{c.get('train.class_weight')} | {c.get('train.class_prior')} | {c.get('train.lora.rank')} / {c.get('train.lora.layers')} | "
+                f"{c.get('train.epochs')} |"
             )
     return "\n".join(lines) + "\n"
 

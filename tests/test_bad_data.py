@@ -97,3 +97,11 @@ def test_mixed_types_an_empty_column_and_a_huge_categorical_train_as_documented(
     assert len(table) == 20 and table["merchant"].str.startswith("merchant-").all()
     source = pd.read_csv(messy_table)  # pandas reads 'n/a' as missing; the serializer skips missing values
     assert set(table["mixed"].dropna().astype(str)) <= set(source["mixed"].dropna().astype(str))
+
+
+@pytest.mark.parametrize(("value", "message"), [("2", "class_prior must be"), ("majority", "one of ['data', 'uniform']")])
+def test_an_absurd_class_prior_is_a_usage_error_naming_it(tracking_uri, value, message):
+    result = CliRunner().invoke(cli, ["train", "--data", "diabetes", "--class-prior", value, *FAST])
+    assert result.exit_code == 2, result.output
+    assert "--class-prior" in result.output and message in result.output
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

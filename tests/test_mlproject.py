@@ -38,7 +38,7 @@ def test_mlflow_run_main_logs_an_ensemble(tmp_path, tiny_model_dir):
     assert sorted(r.info.run_name for r in children) == ["seed-0", "seed-1"]
     assert parent.data.params["target"] == "''" and parent.data.params["scorer.k"] == "16"
     chosen = {key: parent.data.params[key] for key in ("scorer.bound", "train.class_prior", "train.precision", "scorer.precision")}
-    assert chosen == {"scorer.bound": "betting", "train.class_prior": "uniform", "train.precision": "bfloat16",
+    assert chosen == {"scorer.bound": "betting", "train.class_prior": "0.0", "train.precision": "bfloat16",
                       "scorer.precision": "bfloat16"}
     assert parent.data.metrics["members_succeeded"] == 2
     assert 0.0 <= parent.data.metrics["certified_fraction"] <= 1.0

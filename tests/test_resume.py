@@ -189,4 +189,4 @@ def test_a_run_recorded_before_class_prior_existed_resumes_with_the_prior_it_was
     recorded = config_to_dict(TrainingConfig(data="diabetes", register=None))
     assert config_from_dict(recorded) == TrainingConfig(data="diabetes", register=None)  # today's runs round-trip
     del recorded["train"]["class_prior"]
-    assert config_from_dict(recorded).train.class_prior == "uniform"
+    assert config_from_dict(recorded).train.class_prior == 0.0  # uniform

@@ -15,7 +15,8 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_tabcons.scoring.bounds import BOUNDS
 from mlflow_tabcons.scoring.consistency import NOISES, PERTURB_SITES, PRECISIONS, SIGMA_MODES, ScorerSettings
-from mlflow_tabcons.members.training import CLASS_PRIORS, RESAMPLING, TRAIN_PRECISIONS, TrainSettings
+from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.members.training import RESAMPLING, TRAIN_PRECISIONS, TrainSettings, class_prior_weight
 from mlflow_tabcons.members.classifier import HEADS, LoraSettings
 from mlflow_tabcons.members.checkpoints import DEFAULT_MODEL, SMOLLM2
 from mlflow_tabcons.tracking.config import TrainingConfig
@@ -42,6 +43,18 @@ def _stack(*decorators: Callable) -> Callable:
 def blank_is_none(_ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
     """MLproject passes empty strings for unset optional parameters."""
     return None if value in ("", "none", "None") else value
+
+
+class ClassPrior(click.ParamType):
+    """``data``, ``uniform`` or a weight in [0, 1], as the weight TrainSettings keeps."""
+
+    name = "data|uniform|0-1"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            return class_prior_weight(value)
+        except TabconsInputError as error:
+            self.fail(str(error), param, ctx)
 
 
 data_options = _stack(
@@ -85,9 +98,10 @@ training_options = _stack(
                  show_default=True, help="Learning rate of the classification head."),
     click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=_DEFAULT_TRAIN.class_weight,
                  show_default=True, help="Weight the loss so every class counts equally (keeps few-shot members off the majority class)."),
-    click.option("--class-prior", type=click.Choice(CLASS_PRIORS), default=_DEFAULT_TRAIN.class_prior, show_default=True,
+    click.option("--class-prior", type=ClassPrior(), default="data", show_default=True,
                  help="Class frequencies the trained members' probabilities assume: the training rows' (data: "
-                      "best accuracy) or equal (uniform: best balanced accuracy)."),
+                      "best accuracy), equal (uniform: best balanced accuracy) or a weight between (0-1: 1 is data). "
+                      "With --recipe auto the search chooses it on the validation rows, starting from this."),
     click.option("--lora-rank", type=int, default=_DEFAULT_LORA.rank, show_default=True),
     click.option("--lora-alpha", type=float, default=_DEFAULT_LORA.alpha, show_default=True),
     click.option("--lora-dropout", type=float, default=_DEFAULT_LORA.dropout, show_default=True),

@@ -34,7 +34,8 @@ from mlflow_tabcons.members.classifier import (
 from mlflow_tabcons.members.prefix import compute_prefix
 
 RESAMPLING = ("none", "bootstrap", "subsample")
-CLASS_PRIORS = ("data", "uniform")
+# Named class priors: the weight of the training rows' class frequencies in the members' probabilities.
+CLASS_PRIORS = {"data": 1.0, "uniform": 0.0}
 TRAIN_PRECISIONS = ("float32", "bfloat16")
 
 
@@ -49,8 +50,9 @@ class TrainSettings:
     weight_decay: float = 0.01
     warmup: float = 0.1
     class_weight: str = "balanced"
-    # which class frequencies the trained member's probabilities assume; see adjust_class_prior
-    class_prior: str = "data"
+    # how much of the training rows' class frequencies the member's probabilities assume: 1 ("data")
+    # the data's, 0 ("uniform") equal ones, in between a decision threshold between the two; see prior_shift
+    class_prior: float = 1.0
     max_length: int = 256
     # auto: the verbalizer for generative models, a linear head for encoders
     head: str = "auto"
@@ -73,7 +75,7 @@ class TrainSettings:
         check_float("weight_decay", self.weight_decay, low=0.0)
         check_float("warmup", self.warmup, low=0.0, high=1.0, high_open=True)
         check_choice("class_weight", self.class_weight, ("balanced", "none"))
-        check_choice("class_prior", self.class_prior, CLASS_PRIORS)
+        object.__setattr__(self, "class_prior", class_prior_weight(self.class_prior))
         check_choice("head", self.head, HEADS)
         check_int("max_length", self.max_length, minimum=8, maximum=8192)
         check_choice("resample", self.resample, RESAMPLING)
@@ -145,23 +147,39 @@ def balanced_class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-@torch.no_grad()
-def adjust_class_prior(head: nn.Linear, labels: np.ndarray, num_labels: int, class_weight: str, class_prior: str) -> None:
-    """Move the head's bias from the prior the loss trained for to the prior asked for.
+def class_prior_weight(value: str | float) -> float:
+    """A class prior as the weight of the data's class frequencies: "data" is 1, "uniform" 0, or a number in [0, 1]."""
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name in CLASS_PRIORS:
+            return CLASS_PRIORS[name]
+        try:
+            value = float(name)
+        except ValueError:
+            raise TabconsInputError(f"class_prior must be one of {sorted(CLASS_PRIORS)} or a number in [0, 1], got {value!r}") from None
+    return check_float("class_prior", value, low=0.0, high=1.0)
+
+
+def prior_shift(labels: np.ndarray, num_labels: int, class_weight: str, class_prior: float) -> np.ndarray:
+    """What to add to a member's logits so that its probabilities assume ``class_prior`` (logit adjustment).
 
     Balanced class weights keep few-shot members from collapsing onto the
-    majority class, but they train the head for a uniform class prior, so its
-    argmax trades accuracy for balanced accuracy. Adding log(prior) to the
-    bias afterwards (logit adjustment, Menon et al. 2021) makes the
-    probabilities estimate the data's class frequencies again ("data"), and
-    subtracting it does the reverse for an unweighted loss ("uniform").
+    majority class, but they train for a uniform class prior, so the argmax
+    trades accuracy for balanced accuracy. Adding log(prior) (Menon et al.
+    2021) makes the probabilities estimate the data's class frequencies again;
+    a fraction of it moves the decision threshold part of the way, which is
+    what the recipe search tunes on the validation rows (members/recipe.py).
     """
-    trained_for = "uniform" if class_weight == "balanced" else "data"
-    if trained_for == class_prior:
-        return
+    trained_for = CLASS_PRIORS["uniform" if class_weight == "balanced" else "data"]
     counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
-    log_prior = torch.tensor(np.log(np.maximum(counts, 0.5) / counts.sum()), dtype=head.bias.dtype, device=head.bias.device)
-    head.bias += log_prior if class_prior == "data" else -log_prior
+    return (class_prior - trained_for) * np.log(np.maximum(counts, 0.5) / counts.sum())
+
+
+@torch.no_grad()
+def adjust_class_prior(head: nn.Linear, labels: np.ndarray, num_labels: int, class_weight: str, class_prior: float) -> None:
+    """Move the head's bias from the prior the loss trained for to ``class_prior`` (see ``prior_shift``)."""
+    shift = prior_shift(labels, num_labels, class_weight, class_prior_weight(class_prior))
+    head.bias += torch.tensor(shift, dtype=head.bias.dtype, device=head.bias.device)
 
 
 class EnsembleTrainer:
@@ -252,8 +270,11 @@ class EnsembleTrainer:
                     stack.enter_context(classifier.attention("eager"))
             yield
 
-    def train_member(self, seed: int, *, on_epoch: Callable[[dict[str, float]], bool | None] | None = None) -> Member:
-        """Fine-tune one member; ``on_epoch`` receives each epoch's loss and validation scores.
+    def train_member(
+        self, seed: int, *, on_epoch: Callable[[dict[str, float], np.ndarray | None], bool | None] | None = None
+    ) -> Member:
+        """Fine-tune one member; ``on_epoch`` receives each epoch's loss and validation scores, and the
+        validation probabilities (before the class prior is applied; None without validation rows).
 
         ``on_epoch`` returning True stops training after that epoch (early stopping).
         """
@@ -301,11 +322,12 @@ class EnsembleTrainer:
                 batches = range(0, len(order), settings.batch_size)
                 total = sum(step(order[start : start + settings.batch_size]) for start in batches)
                 record = {"epoch": float(epoch), "train_loss": total / len(order)}
+                probabilities = None
                 if self.validation is not None and len(self.validation):
                     probabilities = self.predict_proba(classifier, self.validation, self._validation_prefix)
                     record.update(_validation_scores(probabilities, self.validation.labels, settings.class_weight))
                 history.append(record)
-                if on_epoch is not None and on_epoch(record) is True:
+                if on_epoch is not None and on_epoch(record, probabilities) is True:
                     break
         progress.close()
         adjust_class_prior(classifier.head, self.train.labels[rows], self.num_labels, settings.class_weight, settings.class_prior)

@@ -67,7 +67,7 @@ def train_ensemble_members(
                 mlflow.set_tag("tabcons.role", "member")
                 mlflow.log_params({"seed": seed, **{k: v for k, v in config.params().items() if k.startswith("train.")}})
                 member = trainer.train_member(
-                    seed, on_epoch=lambda record: mlflow.log_metrics(
+                    seed, on_epoch=lambda record, _probabilities: mlflow.log_metrics(
                         {k: v for k, v in record.items() if k != "epoch" and np.isfinite(v)}, step=int(record["epoch"])
                     )
                 )
