@@ -145,6 +145,19 @@ def test_key_sources_and_the_demo_key_files(tmp_path, monkeypatch):
         keys.signing_key("verifier")
 
 
+def test_a_verifier_key_equal_to_the_trainer_key_is_refused_by_key_id(monkeypatch):
+    monkeypatch.setenv(keys.KEY_ENV["trainer"], "same-key-0123456789abcdef")
+    monkeypatch.setenv(keys.KEY_ENV["verifier"], "same-key-0123456789abcdef")
+    assert keys.role_key("trainer") == b"same-key-0123456789abcdef"  # the trainer's own evidence still verifies
+    expected = f"the verifier key is the trainer key \\(key id {keys.key_id(b'same-key-0123456789abcdef')}\\)"
+    with pytest.raises(TabconsInputError, match=expected):
+        keys.role_key("verifier")
+    with pytest.raises(TabconsInputError, match="give the verifier its own key"):
+        keys.ensure_signing_key("verifier")  # `tabcons verify` signs nothing with it
+    monkeypatch.setenv(keys.KEY_ENV["verifier"], "other-key-0123456789abcdef")
+    assert keys.role_key("verifier") == b"other-key-0123456789abcdef"
+
+
 def test_reserved_tags():
     assert all(ev.is_reserved_tag(k) for k in ("tabcons.evidence", "tabcons.verdict.champion", "tabcons.audit.x"))
     assert ev.is_reserved_tag("tabcons.evidence.verified")

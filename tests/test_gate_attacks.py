@@ -337,6 +337,13 @@ def trainer_key_in_the_verified_tag(arena: Arena) -> None:
     arena.client.set_model_version_tag(MODEL, good.version, VERIFIED_EVIDENCE_TAG, forged)
 
 
+def verifier_key_set_to_the_trainer_key(arena: Arena) -> None:
+    """The registry's verifier key misconfigured as the trainer's: the trainer signs its own "verified" evidence."""
+    os.environ["TABCONS_VERIFIER_KEY"] = KEY.decode()  # the arena's monkeypatch restores it
+    trainer_key_in_the_verified_tag(arena)
+    arena.client.set_registered_model_alias(MODEL, "champion", arena.target)
+
+
 def churn_dodged_by_renaming_a_sandbox_in(arena: Arena) -> None:
     """Delete the model behind the holder, put a churny version at a sandbox's @champion, rename the sandbox to it."""
     good = new_version(arena.client, MODEL, lower=0.95, predictions="0000")
@@ -428,6 +435,7 @@ ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     "alias spelled CHAMPION": (alias_in_upper_case, True),
     "trainer evidence where the policy asks for verified": (trainer_evidence_under_verified, True),
     "trainer-signed evidence written as the verifier's": (trainer_key_in_the_verified_tag, True),
+    "verified evidence signed with a verifier key set to the trainer's": (verifier_key_set_to_the_trainer_key, True),
     "churn rule dodged by renaming a sandbox into the deleted model's name": (churn_dodged_by_renaming_a_sandbox_in, True),
     "the protected model's protocol dodged by a rename": (protocol_dodged_by_renaming, True),
     "a weak Production holder behind a newer one, renamed in": (weak_production_holder_behind_a_newer_one, True),

@@ -237,6 +237,16 @@ def test_server_command_refuses_a_malformed_policy(tmp_path):
     assert "line 4" in result.stderr and "on: point or lower" in result.stderr
 
 
+def test_server_command_refuses_a_verifier_key_equal_to_the_trainer_key(tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    env = {**_server_env(), "TABCONS_VERIFIER_KEY": KEY.decode()}
+    result = subprocess.run([TABCONS, "server", "--policy", str(policy), "--backend-store-uri", f"sqlite:///{tmp_path / 'x.db'}"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert "the verifier key is the trainer key" in result.stderr and not (tmp_path / "x.db").exists()
+
+
 def test_audit_names_the_authenticated_user(tmp_path, monkeypatch):
     """Behind MLflow's basic-auth app the audit records who asked, not just an address."""
     password = "gate-test-Passw0rd!"

@@ -208,6 +208,38 @@ def test_rename_is_judged_and_audited_as_the_new_names_promotion(client, databas
     assert record.allowed and record.target == "alias:champion" and record.version == str(good.version)
 
 
+def test_a_rename_judges_the_holders_it_renames_not_those_it_read_before_the_lock(client, database_uri):
+    """A weak @champion set on the sandbox while the rename waits for the lock must be judged as the new name's."""
+    from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
+
+    weak = new_version(client, "sandbox-credit", signed=False)
+    writer, renamer = (GatedRegistryStore("tabcons+" + database_uri) for _ in range(2))  # like two server workers
+    locked, outcome = threading.Event(), {}
+
+    def set_champion_under_the_lock() -> None:
+        with writer.gate.sessions.transaction(["sandbox-credit"]):
+            SqlAlchemyStore.set_registered_model_alias(writer, "sandbox-credit", "champion", weak.version)
+            locked.set()
+            time.sleep(1.0)  # the rename starts meanwhile and must wait for this transaction
+
+    def rename() -> None:
+        locked.wait()
+        try:
+            renamer.rename_registered_model("sandbox-credit", "credit")
+            outcome["rename"] = "allowed"
+        except MlflowException as error:
+            outcome["rename"] = error.error_code
+
+    threads = [threading.Thread(target=set_champion_under_the_lock), threading.Thread(target=rename)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert outcome == {"rename": DENIED}
+    assert client.get_registered_model("sandbox-credit").aliases == {"champion": int(weak.version)}
+    assert [r.target for r in audit_of(database_uri, "credit", "rename")] == ["alias:champion"]
+
+
 BREAK_GLASS_POLICY = POLICY.replace("version: 1\n", "version: 1\nbreak_glass: {allowed: true, ttl_minutes: 30}\n")
 
 

@@ -45,7 +45,8 @@ def mlflow_server_command(backend_store_uri: str, host: str, port: int, workers:
 def server(policy_path: str, backend_store_uri: str, host: str, port: int, workers: int | None, mlflow_args: tuple[str, ...]) -> None:
     """Start `mlflow server` whose registry refuses promotions that break the policy. Extra arguments go to mlflow server."""
     from mlflow_tabcons.gate import load_policy
-    from mlflow_tabcons.gate.keys import KEY_ENV, KEY_FILE_ENV, ROLES, TRAINER, signing_key
+    from mlflow_tabcons.errors import TabconsInputError
+    from mlflow_tabcons.gate.keys import KEY_ENV, KEY_FILE_ENV, ROLES, TRAINER, role_key
 
     policy = load_policy(policy_path)
     if not any(e.name == "tabcons+sqlite" for e in entry_points(group="mlflow.model_registry_store")):
@@ -55,7 +56,11 @@ def server(policy_path: str, backend_store_uri: str, host: str, port: int, worke
             "Run `pip install -e .` in the project."
         )
     for role in ROLES:
-        if signing_key(role) is None:
+        try:
+            key = role_key(role)
+        except TabconsInputError as error:
+            raise click.ClickException(error.message) from None
+        if key is None:
             refused = "trainer evidence" if role == TRAINER else "verifier evidence (`evidence: verified` targets)"
             click.echo(f"warning: no {role} key ({KEY_ENV[role]} / {KEY_FILE_ENV[role]} / the per-user key file): "
                        f"{refused} will be refused as untrusted", err=True)

@@ -35,7 +35,7 @@ from mlflow_tabcons.gate.evidence import (
     is_reserved_tag,
     verify_evidence,
 )
-from mlflow_tabcons.gate.keys import signing_key
+from mlflow_tabcons.gate.keys import role_key
 from mlflow_tabcons.gate.loading import PolicyError, PolicyFile
 from mlflow_tabcons.gate.protocol import DEFAULT_PROTOCOL, Protocol
 from mlflow_tabcons.gate.rules import Policy, RuleSet, Target
@@ -93,7 +93,7 @@ class Gatekeeper:
 
     def bound_evidence(self, value: str | None, role: str, run_id: str | None, location: str) -> Evidence:
         """Evidence signed with the role's key and measured on this very run, location and content; else refused."""
-        evidence = verify_evidence(value, signing_key(role), role)
+        evidence = verify_evidence(value, role_key(role), role)
         check_binding(evidence, run_id, location)
         return evidence
 
@@ -219,12 +219,19 @@ class Gatekeeper:
         return decide(case.model, case.version, case.target, case.rules, evidence, protocol=protocol,
                       problems=tuple(problems), incumbent=incumbent, break_glass=glass, break_glass_overrides_evidence=overrides)
 
-    def enforce(self, action: str, cases: list[Case], apply: Callable[[], Any], *,
+    def enforce(self, action: str, cases: list[Case] | Callable[[], list[Case]], apply: Callable[[], Any], *,
                 lock: tuple[str, ...] = (), tag_verdicts: bool = True, drop_if_pristine: str | None = None) -> Any:
-        """Judge every case in one locked transaction; apply the change only if all are allowed."""
-        if not cases:
+        """Judge every case in one locked transaction; apply the change only if all are allowed.
+
+        ``cases`` may be a function, called once ``lock`` is held, for cases read from what the registry holds
+        (a rename's aliases and stage holders): read before the lock, a change in between would go unjudged.
+        ``lock`` must then name every model its cases concern.
+        """
+        if not callable(cases) and not cases:
             return apply()
-        with self.sessions.transaction([c.model for c in cases] + list(lock)) as session:
+        with self.sessions.transaction(list(lock) if callable(cases) else [c.model for c in cases] + list(lock)) as session:
+            if callable(cases):
+                cases = cases()
             verdicts = [self.judge(case, session) for case in cases]
             for verdict in verdicts:
                 audit.record_verdict(session, verdict, action)

@@ -64,9 +64,25 @@ def signing_key(role: str = TRAINER) -> bytes | None:
     return read_key_file(default) if default.exists() else None
 
 
+def role_key(role: str) -> bytes | None:
+    """The role's key (``signing_key``), refused for the verifier when it is the trainer's key.
+
+    Verifier evidence means "measured by someone the trainer cannot impersonate"; with one key for
+    both roles a trainer signs verifier evidence. A deployment that sets the same value twice is
+    told so, by key id, instead of trusting it.
+    """
+    key = signing_key(role)
+    if role == VERIFIER and key is not None and key == signing_key(TRAINER):
+        raise TabconsInputError(
+            f"the verifier key is the trainer key (key id {key_id(key)}): verifier evidence would prove nothing a trainer "
+            f"cannot sign; give the verifier its own key ({KEY_ENV[VERIFIER]} / {KEY_FILE_ENV[VERIFIER]})"
+        )
+    return key
+
+
 def ensure_signing_key(role: str = TRAINER) -> bytes:
     """The role's key, creating the per-user key file (mode 0600) when none is configured: the offline demo's path."""
-    key = signing_key(role)
+    key = role_key(role)
     if key is not None:
         return key
     path = default_key_file(role)

@@ -25,7 +25,7 @@ from mlflow.store.model_registry.sqlalchemy_store import SqlAlchemyStore
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.gate import audit
 from mlflow_tabcons.gate.binding import storage_location
-from mlflow_tabcons.gate.decisions import ROLE_OF_TAG, GateRefusal, Gatekeeper
+from mlflow_tabcons.gate.decisions import ROLE_OF_TAG, Case, GateRefusal, Gatekeeper
 from mlflow_tabcons.gate.evidence import is_break_glass_tag, is_reserved_tag
 from mlflow_tabcons.gate.loading import PolicyFile, policy_path_from_env
 from mlflow_tabcons.gate.rules import Target
@@ -126,13 +126,15 @@ class GatedRegistryStore(SqlAlchemyStore):
     def rename_registered_model(self, name, new_name):
         """A rename promotes every alias and stage holder into the new name: each is judged as the new name's own
         (its rules, protocol and last allowed holder), so a rename cannot dodge a pattern, a protocol or max_churn."""
-        cases = [
-            case
-            for target, version in self._held_targets(name)
-            for case in self.gate.cases_needed(new_name, target, version, evidence_of=(name, version))
-        ]
+        def cases() -> list[Case]:
+            return [
+                case
+                for target, version in self._held_targets(name)
+                for case in self.gate.cases_needed(new_name, target, version, evidence_of=(name, version))
+            ]
+
         apply = functools.partial(super().rename_registered_model, name, new_name)
-        return self.gate.enforce("rename", cases, apply, lock=(name,), tag_verdicts=False)
+        return self.gate.enforce("rename", cases, apply, lock=(name, new_name), tag_verdicts=False)
 
     def _held_targets(self, name: str) -> list[tuple[Target, str]]:
         """Every alias and every stage holder of ``name``: all versions in a stage, not only its newest."""
