@@ -1,8 +1,20 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
-from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, adjust_class_prior, encode
+from mlflow_tabcons.members.training import (
+    PRIOR_WEIGHTS,
+    EncodedRows,
+    EnsembleTrainer,
+    TrainSettings,
+    adjust_class_prior,
+    best_class_prior,
+    class_prior_weight,
+    encode,
+    prior_shift,
+)
 from mlflow_tabcons.members.batching import pad
 from mlflow_tabcons.members.classifier import (
     ClassifierSpec,
@@ -85,6 +97,56 @@ def test_data_prior_member_is_the_balanced_member_with_its_odds_scaled_by_the_pr
     p_data, p_uniform = (trainer.predict_proba(members[prior].classifier, rows) for prior in ("data", "uniform"))
     odds_ratio = (p_data[:, 0] / p_data[:, 1]) / (p_uniform[:, 0] / p_uniform[:, 1])
     np.testing.assert_allclose(odds_ratio, 3.0, rtol=1e-4)  # 12 rows of class 0 against 4 of class 1
+
+
+def test_the_class_prior_is_the_validation_accuracy_argmax_over_the_weights():
+    """A balanced head that ranks well but puts its threshold at 0.5: part of the 3:1 prior moves it right."""
+    train_labels = np.array([0, 0, 0, 1] * 5)  # prior 3:1: the data prior lowers class 1's log odds by 1.10
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+    p1 = np.array([0.1, 0.55, 0.6, 0.62, 0.64, 0.2, 0.70, 0.8])  # the positives on top, four negatives above 0.5
+    probabilities = np.stack([1 - p1, p1], axis=1)
+    # the negatives at 0.55-0.64 (log odds up to 0.58) need a weight above 0.52, the positive at 0.70 (0.85) one
+    # below 0.77: of the grid only 0.75 decides all 8 right; 1.0 loses the positive, 0.5 the negative at 0.64
+    assert best_class_prior(probabilities, labels, train_labels, "balanced", configured=1.0) == 0.75
+    # trained without weights the head already assumes the data prior: a weight of 1 leaves it as trained
+    shift = prior_shift(train_labels, 2, "none", 1.0)
+    assert np.allclose(shift, 0.0) and best_class_prior(probabilities, labels, train_labels, "none", 1.0) in PRIOR_WEIGHTS
+
+
+def test_a_class_prior_tie_keeps_the_configured_weight_then_the_larger():
+    separable = np.array([[0.99, 0.01], [0.01, 0.99]])  # every weight decides both rows right
+    labels, train_labels = np.array([0, 1]), np.array([0, 0, 0, 1])
+    assert best_class_prior(separable, labels, train_labels, "balanced", configured=0.25) == 0.25
+    assert best_class_prior(separable, labels, train_labels, "balanced", configured=0.3) == 0.3
+    flat = np.full((2, 2), 0.5)  # both rows tie whatever the weight: 1 of 2 right
+    assert best_class_prior(flat, np.array([0, 0]), train_labels, "balanced", configured=1.0) == 1.0
+
+
+def test_a_member_tunes_its_class_prior_on_the_validation_rows_and_keeps_it_in_its_head(parts):
+    tokenizer, base = parts
+    labels = np.array([0, 0, 0, 1] * 4)
+    rows = encode(tokenizer, TEXTS * 4, labels, 64)
+    settings = TrainSettings(epochs=2, batch_size=4)
+    tuned = EnsembleTrainer(base, 2, settings, rows, rows).train_member(3)
+    fixed = EnsembleTrainer(base, 2, replace(settings, tune_class_prior=False), rows).train_member(3)
+    trainer = EnsembleTrainer(base, 2, settings, rows)
+    p_tuned, p_fixed = (trainer.predict_proba(m.classifier, rows) for m in (tuned, fixed))
+    assert fixed.class_prior == 1.0 and tuned.class_prior in PRIOR_WEIGHTS
+    # same seed and training: the heads differ by (tuned - 1) x the log prior, so the odds by 3 ** (1 - tuned)
+    odds_ratio = (p_tuned[:, 0] / p_tuned[:, 1]) / (p_fixed[:, 0] / p_fixed[:, 1])
+    np.testing.assert_allclose(odds_ratio, 3.0 ** (tuned.class_prior - 1.0), rtol=1e-4)
+    as_trained = p_fixed * np.exp(-prior_shift(labels, 2, "balanced", 1.0))
+    as_trained /= as_trained.sum(axis=1, keepdims=True)
+    assert tuned.class_prior == best_class_prior(as_trained, labels, labels, "balanced", 1.0)
+
+
+def test_class_prior_reads_names_and_weights_and_refuses_the_rest():
+    assert class_prior_weight("data") == 1.0 and class_prior_weight(" Uniform ") == 0.0
+    assert class_prior_weight("0.4") == 0.4 and class_prior_weight(0.4) == 0.4
+    assert TrainSettings(class_prior="uniform").class_prior == 0.0
+    for bad in ("majority", "1.5", -0.1, float("nan"), True, None):
+        with pytest.raises(TabconsInputError, match="class_prior"):
+            TrainSettings(class_prior=bad)
 
 
 def test_bfloat16_training_learns_the_same_member_up_to_rounding(parts):

@@ -7,23 +7,8 @@ import pytest
 
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.classifier import load_base_model, load_tokenizer
-from mlflow_tabcons.members.recipe import (
-    PRIOR_WEIGHTS,
-    STEPS,
-    SearchSettings,
-    Trial,
-    choose_class_prior,
-    planned_trials,
-    search_recipe,
-)
-from mlflow_tabcons.members.training import (
-    EncodedRows,
-    EnsembleTrainer,
-    TrainSettings,
-    balanced_class_weights,
-    class_prior_weight,
-    encode,
-)
+from mlflow_tabcons.members.recipe import STEPS, SearchSettings, Trial, planned_trials, search_recipe
+from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, balanced_class_weights, encode
 from mlflow_tabcons.metrics.classification import log_loss
 
 TEXTS = ["colour: red. size: 3 (high).", "colour: blue. size: 1 (low).", "colour: red. size: 2 (medium).", "colour: blue. size: 3 (high)."]
@@ -45,7 +30,7 @@ def test_returning_true_from_on_epoch_stops_training(parts):
     tokenizer, base = parts
     train, validation = _rows(tokenizer, TEXTS)
     trainer = EnsembleTrainer(base, 2, TrainSettings(epochs=5, batch_size=4), train, validation)
-    member = trainer.train_member(0, on_epoch=lambda record, _: record["epoch"] >= 2)
+    member = trainer.train_member(0, on_epoch=lambda record: record["epoch"] >= 2)
     assert [h["epoch"] for h in member.history] == [1.0, 2.0]
     assert "val_loss" in member.history[0] and member.history[0]["val_loss"] > 0
 
@@ -57,7 +42,7 @@ def test_early_stopping_watches_the_loss_training_minimizes(parts, class_weight)
     labels = np.array([1, 1, 1, 0] * 4)  # 75/25: weighting changes the loss
     rows = encode(tokenizer, TEXTS * 4, labels, 64)
     # class_prior equal to what the loss trains for, so the head is left as trained
-    settings = TrainSettings(epochs=2, batch_size=4, class_weight=class_weight,
+    settings = TrainSettings(epochs=2, batch_size=4, class_weight=class_weight, tune_class_prior=False,
                              class_prior="uniform" if class_weight == "balanced" else "data")
     trainer = EnsembleTrainer(base, 2, settings, rows, rows)
     member = trainer.train_member(0)
@@ -85,10 +70,7 @@ def test_search_spends_its_budget_and_returns_the_best_trial(parts):
     for trial in choice.trials[1:]:
         best = trial if trial.improves_on(best, SearchSettings().min_gain) else best
     assert choice.numbers == best.numbers
-    assert choice.settings == replace(best.settings, epochs=best.best_epoch, class_prior=choice.settings.class_prior)
-    assert set(choice.prior_accuracy) == set(PRIOR_WEIGHTS)
-    assert choice.prior_accuracy[choice.settings.class_prior] == max(choice.prior_accuracy.values())
-    assert len(best.validation_probabilities) == 1 and best.validation_probabilities[0].shape == (len(TEXTS) * 4, 2)
+    assert choice.settings == replace(best.settings, epochs=best.best_epoch)
     assert 1 <= choice.settings.epochs <= 3
     # each step changes the recipe it starts from in one respect
     assert choice.trials[2].settings.learning_rate == pytest.approx(3 * choice.trials[0].settings.learning_rate)
@@ -105,44 +87,6 @@ def test_a_change_is_kept_only_for_a_gain_beyond_the_noise():
     assert not slightly_higher_lower_loss.improves_on(low, 0.01)
     assert slightly_higher_lower_loss.improves_on(low, 0.0)
     assert low.improves_on(failed) and not failed.improves_on(low)
-
-
-def _trial_with(probabilities: list[np.ndarray], class_weight: str = "balanced") -> Trial:
-    settings = TrainSettings(class_weight=class_weight)
-    return Trial("t", "plain", settings, 0.7, 0.6, 0.5, 3, 1.0, validation_probabilities=tuple(probabilities))
-
-
-def test_the_class_prior_is_the_validation_accuracy_argmax_over_the_weights():
-    """A balanced head that ranks well but puts its threshold at 0.5: part of the 3:1 prior moves it right."""
-    train = EncodedRows([], np.array([0, 0, 0, 1] * 5))  # prior 3:1, log odds 1.10
-    validation = EncodedRows([], np.array([0, 0, 0, 0, 0, 0, 1, 1]))
-    # P(class 1) for 8 rows: the positives rank on top, but four negatives sit above 0.5 too
-    p1 = np.array([0.1, 0.55, 0.6, 0.62, 0.64, 0.2, 0.70, 0.8])
-    probabilities = np.stack([1 - p1, p1], axis=1)
-    weight, accuracy = choose_class_prior(_trial_with([probabilities]), (train, validation), 2, configured=1.0)
-    # log odds of class 1 after the shift: logit(p1) - w * 1.10; the negatives at 0.55-0.64 need w > 0.52, the
-    # positive at 0.70 (logit 0.85) needs w < 0.77: only 0.75 of the grid gets all 8 right
-    assert weight == 0.75 and accuracy[0.75] == 1.0
-    assert accuracy[1.0] == 7 / 8 and accuracy[0.0] == 4 / 8
-    assert set(accuracy) == set(PRIOR_WEIGHTS)
-
-
-def test_a_class_prior_tie_keeps_the_configured_weight_then_the_larger():
-    train = EncodedRows([], np.array([0, 0, 0, 1]))
-    validation = EncodedRows([], np.array([0, 1]))
-    separable = np.array([[0.99, 0.01], [0.01, 0.99]])  # every weight decides both rows right
-    assert choose_class_prior(_trial_with([separable]), (train, validation), 2, configured=0.25)[0] == 0.25
-    assert choose_class_prior(_trial_with([separable]), (train, validation), 2, configured=0.3)[0] == 0.3
-    assert choose_class_prior(_trial_with([separable] * 2), (train, validation), 2, configured=1.0)[0] == 1.0
-
-
-def test_class_prior_reads_names_and_weights_and_refuses_the_rest():
-    assert class_prior_weight("data") == 1.0 and class_prior_weight(" Uniform ") == 0.0
-    assert class_prior_weight("0.4") == 0.4 and class_prior_weight(0.4) == 0.4
-    assert TrainSettings(class_prior="uniform").class_prior == 0.0
-    for bad in ("majority", "1.5", -0.1, float("nan"), True, None):
-        with pytest.raises(TabconsInputError, match="class_prior"):
-            TrainSettings(class_prior=bad)
 
 
 def test_budget_caps_the_trials():

@@ -101,7 +101,10 @@ training_options = _stack(
     click.option("--class-prior", type=ClassPrior(), default="data", show_default=True,
                  help="Class frequencies the trained members' probabilities assume: the training rows' (data: "
                       "best accuracy), equal (uniform: best balanced accuracy) or a weight between (0-1: 1 is data). "
-                      "With --recipe auto the search chooses it on the validation rows, starting from this."),
+                      "With --tune-class-prior, where each member's validation rows decide it, the weight a tie keeps."),
+    click.option("--tune-class-prior/--no-tune-class-prior", default=_DEFAULT_TRAIN.tune_class_prior, show_default=True,
+                 help="Each member chooses its class-prior weight (1, 0.75, 0.5, 0.25, 0) by its accuracy on the "
+                      "validation rows: the decision threshold, fitted to the member's own logit scale."),
     click.option("--lora-rank", type=int, default=_DEFAULT_LORA.rank, show_default=True),
     click.option("--lora-alpha", type=float, default=_DEFAULT_LORA.alpha, show_default=True),
     click.option("--lora-dropout", type=float, default=_DEFAULT_LORA.dropout, show_default=True),
@@ -184,6 +187,7 @@ def train_settings_from_options(options: dict[str, Any]) -> TrainSettings:
         head_learning_rate=options["head_learning_rate"],
         class_weight=options["class_weight"],
         class_prior=options["class_prior"],
+        tune_class_prior=options["tune_class_prior"],
         resample=options["resample"],
         precision=options["train_precision"],
         head=options["head"],

@@ -6,10 +6,7 @@ budgeted walk: serialization of numbers, learning rates, LoRA size, class
 weighting), each trained with a couple of search seeds that no member uses,
 with early stopping on the validation loss, and returns the best as a
 ``TrainSettings`` (epochs set to where the validation loss bottomed out) and a
-number style. Last, on the best trial's validation probabilities (no more
-training), it chooses how much of the class prior to fold into the head: the
-decision threshold, which a few-shot member's validation AUROC says nothing
-about. Every member of the ensemble then trains with that one recipe,
+number style. Every member of the ensemble then trains with that one recipe,
 so recipe choice is never confused with seed multiplicity.
 """
 
@@ -25,15 +22,13 @@ from tqdm.auto import tqdm
 
 from mlflow_tabcons.errors import TabconsInputError, check_float, check_int
 from mlflow_tabcons.members.classifier import BaseModel
-from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, TrainSettings, prior_shift
+from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, TrainSettings
 
 logger = logging.getLogger(__name__)
 
 RECIPE_MODES = ("auto", "fixed")
 # Search seeds are far from the members' seeds (0, 1, ...): the recipe is not fit to the members themselves.
 SEARCH_SEEDS = (10_000, 10_001)
-# Class-prior weights the search weighs on the validation rows: 1 the data's class frequencies, 0 uniform.
-PRIOR_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
 @dataclass(frozen=True)
@@ -69,8 +64,6 @@ class Trial:
     best_epoch: int  # mean best epoch over search seeds, rounded
     seconds: float
     error: str = ""  # why the trial failed; a failed trial is never chosen
-    # each search seed's validation probabilities at its best epoch, before the class prior is folded in
-    validation_probabilities: tuple[np.ndarray, ...] = field(default=(), repr=False, compare=False)
 
     def improves_on(self, incumbent: Trial, min_gain: float = 0.0) -> bool:
         """Validation AUROC (independent of the class prior the head is trained for) higher by more than ``min_gain``.
@@ -84,14 +77,12 @@ class Trial:
 
 @dataclass(frozen=True)
 class RecipeChoice:
-    """The search's answer: member settings, number style, every trial in order, and the
-    validation accuracy of each class-prior weight weighed (empty when none was)."""
+    """The search's answer: member settings, number style, and every trial in order."""
 
     settings: TrainSettings
     numbers: str
     trials: list[Trial] = field(default_factory=list)
     seconds: float = 0.0
-    prior_accuracy: dict[float, float] = field(default_factory=dict)
 
 
 def _scaled_rates(factor: float) -> Callable[[TrainSettings], TrainSettings]:
@@ -134,54 +125,28 @@ def run_trial(
     *,
     device: str = "cpu",
     answer_ids: Sequence[int] | None = None,
-) -> tuple[float, float, float, int, tuple[np.ndarray, ...]]:
-    """Train ``settings`` once per search seed with early stopping.
-
-    Returns the mean validation AUROC, accuracy and loss and the best epoch, and each seed's validation
-    probabilities at its best epoch.
-    """
+) -> tuple[float, float, float, int]:
+    """Train ``settings`` once per search seed with early stopping; mean validation AUROC, accuracy, loss, best epoch."""
     train, validation = rows
     trainer = EnsembleTrainer(base_model, num_labels, settings, train, validation, device=device, answer_ids=answer_ids)
-    bests, probabilities = [], []
+    bests = []
     for seed in search.seeds:
-        history: list[tuple[dict[str, float], np.ndarray]] = []
+        history: list[dict[str, float]] = []
 
-        def stop(record: dict[str, float], validation_probabilities: np.ndarray | None) -> bool:
-            history.append((record, validation_probabilities))
-            losses = [r["val_loss"] for r, _ in history]
+        def stop(record: dict[str, float]) -> bool:
+            history.append(record)
+            losses = [r["val_loss"] for r in history]
             return len(losses) - 1 - int(np.argmin(losses)) >= search.patience
 
         trainer.train_member(seed, on_epoch=stop)
-        best, best_probabilities = min(history, key=lambda entry: entry[0]["val_loss"])
-        bests.append(best)
-        probabilities.append(best_probabilities)
+        bests.append(min(history, key=lambda r: r["val_loss"]))
     auroc = np.array([b["val_auroc"] for b in bests], dtype=float)
     return (
         float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan"),
         float(np.mean([b["val_accuracy"] for b in bests])),
         float(np.mean([b["val_loss"] for b in bests])),
         max(1, int(round(np.mean([b["epoch"] for b in bests])))),
-        tuple(probabilities),
     )
-
-
-def choose_class_prior(
-    trial: Trial, rows: tuple[EncodedRows, EncodedRows], num_labels: int, configured: float
-) -> tuple[float, dict[float, float]]:
-    """The class-prior weight whose decisions are most accurate on the validation rows, mean over search seeds.
-
-    Weighed from the trial's stored probabilities, so it costs no training. A tie keeps the configured
-    weight, then the larger one (closer to the data's class frequencies, whose probabilities are calibrated).
-    """
-    train, validation = rows
-    candidates = (configured, *(w for w in PRIOR_WEIGHTS if w != configured))
-    accuracy = {}
-    for weight in candidates:
-        shift = prior_shift(train.labels, num_labels, trial.settings.class_weight, weight)
-        hits = [np.mean(np.argmax(np.log(np.maximum(p, 1e-12)) + shift, axis=1) == validation.labels) for p in trial.validation_probabilities]
-        accuracy[weight] = float(np.mean(hits))
-    best = max(accuracy.values())
-    return next(w for w in candidates if accuracy[w] >= best - 1e-12), accuracy
 
 
 def search_recipe(
@@ -217,8 +182,7 @@ def search_recipe(
         begun = time.perf_counter()
         try:
             scores = run_trial(base_model, num_labels, settings, rows_by_numbers[numbers], search, device=device, answer_ids=answer_ids)
-            *summary, probabilities = scores
-            trial = Trial(name, numbers, settings, *summary, time.perf_counter() - begun, validation_probabilities=probabilities)
+            trial = Trial(name, numbers, settings, *scores, time.perf_counter() - begun)
         except Exception as error:  # a recipe that cannot train (out of memory, ...) is skipped, not fatal
             logger.exception("recipe trial %r failed", name)
             nan = float("nan")
@@ -244,6 +208,4 @@ def search_recipe(
     seconds = time.perf_counter() - started
     if best.error:  # nothing trained: the members go with the configured recipe (and fail the same way, with its reason)
         return RecipeChoice(base, next(iter(rows_by_numbers)), trials, seconds)
-    prior, prior_accuracy = choose_class_prior(best, rows_by_numbers[best.numbers], num_labels, base.class_prior)
-    settings = replace(best.settings, epochs=best.best_epoch, class_prior=prior)
-    return RecipeChoice(settings, best.numbers, trials, seconds, prior_accuracy)
+    return RecipeChoice(replace(best.settings, epochs=best.best_epoch), best.numbers, trials, seconds)

@@ -53,6 +53,8 @@ class TrainSettings:
     # how much of the training rows' class frequencies the member's probabilities assume: 1 ("data")
     # the data's, 0 ("uniform") equal ones, in between a decision threshold between the two; see prior_shift
     class_prior: float = 1.0
+    # each member chooses its class-prior weight on the validation rows (best_class_prior); class_prior wins ties
+    tune_class_prior: bool = True
     max_length: int = 256
     # auto: the verbalizer for generative models, a linear head for encoders
     head: str = "auto"
@@ -139,6 +141,7 @@ class Member:
     classifier: TabularClassifier
     history: list[dict[str, float]]
     train_rows: np.ndarray
+    class_prior: float = 1.0  # the weight of the training rows' class prior folded into the head (see prior_shift)
 
 
 def balanced_class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
@@ -173,6 +176,30 @@ def prior_shift(labels: np.ndarray, num_labels: int, class_weight: str, class_pr
     trained_for = CLASS_PRIORS["uniform" if class_weight == "balanced" else "data"]
     counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
     return (class_prior - trained_for) * np.log(np.maximum(counts, 0.5) / counts.sum())
+
+
+# Class-prior weights a member weighs on the validation rows: 1 the data's class frequencies, 0 uniform.
+PRIOR_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+def best_class_prior(
+    probabilities: np.ndarray, labels: np.ndarray, train_labels: np.ndarray, class_weight: str, configured: float
+) -> float:
+    """The class-prior weight whose decisions are most accurate on held-out rows (``probabilities`` as trained).
+
+    The weight is a decision threshold, fitted to each member's own logit scale: one member of an
+    ensemble can end training with logits so flat that the full data prior sends every row to the
+    majority class while its ranking is as good as its peers' (docs/recipe.md). A tie keeps
+    ``configured``, then the larger weight (closer to calibrated probabilities).
+    """
+    candidates = (configured, *(w for w in PRIOR_WEIGHTS if w != configured))
+    log_p = np.log(np.maximum(probabilities, 1e-12))
+    accuracy = {
+        weight: float(np.mean(np.argmax(log_p + prior_shift(train_labels, probabilities.shape[1], class_weight, weight), axis=1) == labels))
+        for weight in candidates
+    }
+    best = max(accuracy.values())
+    return next(weight for weight in candidates if accuracy[weight] == best)
 
 
 @torch.no_grad()
@@ -270,13 +297,11 @@ class EnsembleTrainer:
                     stack.enter_context(classifier.attention("eager"))
             yield
 
-    def train_member(
-        self, seed: int, *, on_epoch: Callable[[dict[str, float], np.ndarray | None], bool | None] | None = None
-    ) -> Member:
-        """Fine-tune one member; ``on_epoch`` receives each epoch's loss and validation scores, and the
-        validation probabilities (before the class prior is applied; None without validation rows).
+    def train_member(self, seed: int, *, on_epoch: Callable[[dict[str, float]], bool | None] | None = None) -> Member:
+        """Fine-tune one member; ``on_epoch`` receives each epoch's loss and validation scores.
 
-        ``on_epoch`` returning True stops training after that epoch (early stopping).
+        ``on_epoch`` returning True stops training after that epoch (early stopping). With
+        ``tune_class_prior`` and validation rows, the member's class-prior weight is chosen on them last.
         """
         settings = self.settings
         rng = np.random.default_rng(seed)
@@ -327,12 +352,15 @@ class EnsembleTrainer:
                     probabilities = self.predict_proba(classifier, self.validation, self._validation_prefix)
                     record.update(_validation_scores(probabilities, self.validation.labels, settings.class_weight))
                 history.append(record)
-                if on_epoch is not None and on_epoch(record, probabilities) is True:
+                if on_epoch is not None and on_epoch(record) is True:
                     break
         progress.close()
-        adjust_class_prior(classifier.head, self.train.labels[rows], self.num_labels, settings.class_weight, settings.class_prior)
+        prior = settings.class_prior
+        if settings.tune_class_prior and probabilities is not None:
+            prior = best_class_prior(probabilities, self.validation.labels, self.train.labels[rows], settings.class_weight, prior)
+        adjust_class_prior(classifier.head, self.train.labels[rows], self.num_labels, settings.class_weight, prior)
         classifier.eval()
-        return Member(seed=seed, classifier=classifier, history=history, train_rows=rows)
+        return Member(seed=seed, classifier=classifier, history=history, train_rows=rows, class_prior=prior)
 
     def prefix_for(self, rows: EncodedRows) -> list[torch.Tensor] | None:
         """The frozen-prefix cache for any rows (training, the evaluation set), shared by all members."""

@@ -2,8 +2,7 @@
 
 Each trial is logged as it finishes (metrics stepped by trial number, and a
 progress line); the trials end up as the table ``tabcons/recipe_trials.json``
-and the choice as ``recipe.*`` parameters of the parent run, the validation
-accuracy of each class-prior weight as ``tabcons/recipe_class_prior.json``, plus
+and the choice as ``recipe.*`` parameters of the parent run, plus
 ``tabcons/recipe.json`` that ``--resume`` reads instead of searching again.
 """
 
@@ -25,7 +24,6 @@ from mlflow_tabcons.tracking.prepared import PreparedData, number_styles, with_n
 logger = logging.getLogger(__name__)
 
 TRIALS_ARTIFACT = "tabcons/recipe_trials.json"
-PRIOR_ARTIFACT = "tabcons/recipe_class_prior.json"
 
 
 def trials_table(trials: list[Trial]) -> pd.DataFrame:
@@ -69,13 +67,6 @@ def log_choice(choice: RecipeChoice, effective: TrainingConfig) -> None:
     mlflow.log_params({k: v for k, v in {**chosen, "recipe.numbers": choice.numbers}.items() if k not in logged})
     mlflow.log_metrics({"seconds_recipe_search": choice.seconds, "recipe_trials": len(choice.trials)})
     mlflow.log_table(trials_table(choice.trials), TRIALS_ARTIFACT)
-    if choice.prior_accuracy:
-        weighed = [{"class_prior": weight, "val_accuracy": accuracy} for weight, accuracy in choice.prior_accuracy.items()]
-        mlflow.log_table(pd.DataFrame(weighed), PRIOR_ARTIFACT)
-        logger.info(
-            "class prior %.2f chosen on the validation rows (accuracy by weight: %s)", choice.settings.class_prior,
-            ", ".join(f"{weight:g}: {accuracy:.3f}" for weight, accuracy in choice.prior_accuracy.items()),
-        )
     resume.log_recipe(choice.settings, choice.numbers)
 
 

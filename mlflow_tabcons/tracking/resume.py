@@ -61,7 +61,7 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
 
 # Settings added after runs were first recorded, with the behaviour those runs had: a run resumed
 # under today's default would mix members trained two ways.
-_SETTINGS_BEFORE_THEY_EXISTED = {"class_prior": "uniform"}
+_SETTINGS_BEFORE_THEY_EXISTED = {"class_prior": "uniform", "tune_class_prior": False}
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
@@ -202,7 +202,6 @@ def load_member(trainer: EnsembleTrainer, run: Run) -> Member:
     """Rebuild a finished member from its child run: the seeded classifier with the logged weights put back."""
     from safetensors.torch import load_file
 
-
     seed = int(run.data.params["seed"])
     with tempfile.TemporaryDirectory() as folder:
         try:
@@ -223,7 +222,8 @@ def load_member(trainer: EnsembleTrainer, run: Run) -> Member:
             f"({len(set(tensors) ^ trainable)} parameter names differ)"
         )
     classifier.load_state_dict(tensors, strict=False)
-    return Member(seed, classifier.eval(), history=[], train_rows=train_rows)
+    prior = run.data.metrics.get("class_prior", trainer.settings.class_prior)  # already in the logged head bias
+    return Member(seed, classifier.eval(), history=[], train_rows=train_rows, class_prior=prior)
 
 
 @dataclass

@@ -67,14 +67,15 @@ def train_ensemble_members(
                 mlflow.set_tag("tabcons.role", "member")
                 mlflow.log_params({"seed": seed, **{k: v for k, v in config.params().items() if k.startswith("train.")}})
                 member = trainer.train_member(
-                    seed, on_epoch=lambda record, _probabilities: mlflow.log_metrics(
+                    seed, on_epoch=lambda record: mlflow.log_metrics(
                         {k: v for k, v in record.items() if k != "epoch" and np.isfinite(v)}, step=int(record["epoch"])
                     )
                 )
                 member_probabilities = trainer.predict_proba(member.classifier, data.evaluation, eval_prefix)
                 scores = classification_scores(labels, member_probabilities)
                 learned = scores["accuracy"] > baseline
-                mlflow.log_metrics({**{k: v for k, v in scores.items() if np.isfinite(v)}, "majority_rate": baseline})
+                mlflow.log_metrics({**{k: v for k, v in scores.items() if np.isfinite(v)}, "majority_rate": baseline,
+                                    "class_prior": member.class_prior})
                 mlflow.set_tag("tabcons.beats_majority", str(learned).lower())
                 resume.log_member(member)
                 if not learned:
