@@ -27,6 +27,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -178,9 +179,15 @@ def combine(paths: list[Path], out_dir: Path, name: str) -> dict[str, Any]:
 
 
 def reloaded_outcome(config: TrainingConfig, run_id: str, first: dict[str, Any]) -> TrainingOutcome:
-    """The trained ensemble of a finished run, rebuilt from its member runs, scored at ``first``."""
-    data = prepare_data(config)
+    """The trained ensemble of a finished run, rebuilt from its member runs, scored at ``first``.
+
+    The members are rebuilt with the recipe the run chose (settings and number style), not the configured one.
+    """
     parent = mlflow.get_run(run_id)
+    chosen = resume.stored_recipe(parent)
+    if chosen is not None:
+        config = replace(config, train=chosen[0], numbers=chosen[1])
+    data = prepare_data(config)
     trainer = build_trainer(config, data, default_device(), validate=False)
     runs = resume.finished_member_runs(resume.child_runs(parent))
     members = [resume.load_member(trainer, runs[seed]) for seed in sorted(runs)]
