@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-rows", type=int, default=200, help="test rows (all of them where the split has fewer)")
     parser.add_argument("--k", type=int, default=128)
     parser.add_argument("--bound", default=ScorerSettings().bound, help="the certificate's lower bound (empirical-bernstein, betting, ...)")
+    parser.add_argument("--tau", type=float, default=ScorerSettings().tau, help="a row is certified when its lower bound exceeds tau")
     parser.add_argument("--sites", default="embeddings,values,hidden,pooled")
     parser.add_argument("--sigmas", default="0.25,0.5,1")
     parser.add_argument("--extra", default="hidden:gaussian:0.5,pooled:gaussian:0.5",
@@ -118,7 +119,7 @@ def _config(args: argparse.Namespace, dataset: str, shots: int, first: dict[str,
         data=dataset, shots=shots, seeds=args.seeds, eval_rows=eval_rows_available(dataset, args.eval_rows), model=args.model,
         experiment="tabcons-paper-table", register=None,
         train=TrainSettings(epochs=args.epochs, precision=args.train_precision, lora=LoraSettings(layers=args.lora_layers)),
-        scorer=ScorerSettings(k=args.k, precision=args.scorer_precision, bound=args.bound, **first),
+        scorer=ScorerSettings(k=args.k, precision=args.scorer_precision, bound=args.bound, tau=args.tau, **first),
     )
 
 
@@ -147,7 +148,7 @@ def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:
         f"M = {settings['seeds']} members per configuration (seed 0 is the reference; the truth comes from the other "
         f"{settings['seeds'] - 1}), {settings['epochs']} epochs, LoRA on the top {settings['lora_layers']} layer(s) of "
         f"MiniLM-L6, training in {settings['train_precision']}, neighbour passes in {settings['scorer_precision']}; "
-        f"k = {settings['k']}, alpha = 0.05 ({settings.get('bound', 'empirical-bernstein')} bound), tau = 0.5; sigma relative to the norm of what is "
+        f"k = {settings['k']}, alpha = 0.05 ({settings.get('bound', 'empirical-bernstein')} bound), tau = {settings.get('tau', 0.5):g}; sigma relative to the norm of what is "
         f"perturbed; MC-dropout with {settings['dropout_passes']} passes. Intervals: 95% bootstrap over rows "
         f"({settings['resamples']} resamples), paired for differences; certified fraction: Clopper-Pearson.",
         "Goal per row:\n\n" + "\n".join(goal_summary(rows)),

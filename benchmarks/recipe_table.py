@@ -94,6 +94,7 @@ def measure(name: str, seeds: int, eval_rows: int, k: int, folder: Path, model: 
         "n_validation": len(outcome.data.validation),
         "member_accuracy": members,
         "member_auroc": [metrics.get(f"auroc_seed_{m.seed}") for m in outcome.members],
+        "member_class_prior": [m.class_prior for m in outcome.members],
         "mean_accuracy": mean,
         "majority_rate": majority,
         "logistic_accuracy": logistic,
@@ -145,14 +146,15 @@ def markdown(payload: dict[str, Any]) -> str:
             f"{'yes' if r['members_learned'] else 'no'} | {'yes' if r['every_member_beats_majority'] else 'no'} | "
             f"{'yes' if r['half_of_logistic_margin'] else 'no'} | {r['seconds_recipe_search']:.0f} | {r['seconds_members']:.0f} |"
         )
-    lines += ["", "Chosen recipes:", "", "| table | numbers | learning rate (head) | class weight | class prior | LoRA rank / layers | epochs |",
+    lines += ["", "Chosen recipes:", "", "| table | numbers | learning rate (head) | class weight | class prior per member | LoRA rank / layers | epochs |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in payload["tables"].values():
         c = r["recipe"]
         if c:
             lines.append(
                 f"| {r['table']} | {c.get('numbers')} | {float(c['train.learning_rate']):g} ({float(c['train.head_learning_rate']):g}) | "
-                f"{c.get('train.class_weight')} | {c.get('train.class_prior')} | {c.get('train.lora.rank')} / {c.get('train.lora.layers')} | "
+                f"{c.get('train.class_weight')} | {' / '.join(f'{p:g}' for p in r.get('member_class_prior', []))} | "
+                f"{c.get('train.lora.rank')} / {c.get('train.lora.layers')} | "
                 f"{c.get('train.epochs')} |"
             )
     return "\n".join(lines) + "\n"
