@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
-from mlflow_tabcons.gate import audit_trail
+from mlflow_tabcons.gate import audit, audit_trail
 from mlflow_tabcons.gate.artifacts import directory_digest
 from mlflow_tabcons.gate.binding import attach_evidence
 from mlflow_tabcons.gate.evidence import (
@@ -292,6 +292,23 @@ def break_glass_armed_by_the_promoter(arena: Arena) -> None:
     arena.client.set_registered_model_alias(MODEL, "champion", weak.version)
 
 
+def break_glass_armed_in_process_and_promoted_over_rest_by_one_person(arena: Arena) -> None:
+    """Anna arms break-glass from a Python shell (named local:anna) and promotes as the REST user Anna."""
+    arena.allow_break_glass()
+    weak = _weak(arena)
+    real_user, real_actor = getpass.getuser, audit.current_actor
+    getpass.getuser = lambda: "anna"
+    try:
+        arena.client.set_model_version_tag(MODEL, weak.version, f"{BREAK_GLASS_TAG}.champion", "INC-2: approved")
+    finally:
+        getpass.getuser = real_user
+    audit.current_actor = lambda: "Anna"  # what the auth app names her over REST
+    try:
+        arena.client.set_registered_model_alias(MODEL, "champion", weak.version)
+    finally:
+        audit.current_actor = real_actor
+
+
 def _armed_by_an_approver(arena: Arena, version: str, suffix: str) -> None:
     """Arm break-glass as another OS user (an in-process client is named by its OS user)."""
     real = getpass.getuser
@@ -430,6 +447,8 @@ ATTACKS: dict[str, tuple[Callable[[Arena], None], bool]] = {
     "churn rule dodged by deleting and recreating the model": (churn_dodged_by_deleting_the_model, True),
     "churn rule dodged by archiving the stage holder": (churn_dodged_by_archiving_the_stage_holder, True),
     "break-glass armed by the promoter (self-approval)": (break_glass_armed_by_the_promoter, True),
+    "break-glass armed in process and promoted over REST by the same person":
+        (break_glass_armed_in_process_and_promoted_over_rest_by_one_person, True),
     "break-glass armed for another target": (break_glass_armed_for_another_target, True),
     "break-glass over missing evidence": (break_glass_over_untrusted_evidence, True),
     "alias spelled CHAMPION": (alias_in_upper_case, True),

@@ -38,7 +38,7 @@ from mlflow_tabcons.gate.evidence import (
 from mlflow_tabcons.gate.keys import role_key
 from mlflow_tabcons.gate.loading import PolicyError, PolicyFile
 from mlflow_tabcons.gate.protocol import DEFAULT_PROTOCOL, Protocol
-from mlflow_tabcons.gate.rules import Policy, RuleSet, Target
+from mlflow_tabcons.gate.rules import Policy, RuleSet, Target, person
 from mlflow_tabcons.gate.transactions import SharedSessions
 from mlflow_tabcons.gate.verdict import Incumbent, Verdict, decide
 
@@ -168,7 +168,7 @@ class Gatekeeper:
         promoter = audit.current_actor()
         if not audit.is_identified(promoter) or not audit.is_identified(armed.actor):
             return None, "break-glass needs authenticated identities for both the approver and the promoter"
-        if promoter.lower() == armed.actor.lower():
+        if person(promoter) == person(armed.actor):
             return None, f"break-glass was armed by {armed.actor}, who cannot also promote: a second person must"
         if not policy.break_glass.may_arm(armed.actor):
             return None, f"break-glass was armed by {armed.actor}, who is not one of the policy's approvers"
