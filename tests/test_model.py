@@ -147,6 +147,8 @@ def test_class_prior_reads_names_and_weights_and_refuses_the_rest():
     for bad in ("majority", "1.5", -0.1, float("nan"), True, None):
         with pytest.raises(TabconsInputError, match="class_prior"):
             TrainSettings(class_prior=bad)
+    with pytest.raises(TabconsInputError, match="tune_class_prior must be true or false"):
+        TrainSettings(tune_class_prior="no")
 
 
 def test_bfloat16_training_learns_the_same_member_up_to_rounding(parts):

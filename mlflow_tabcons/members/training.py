@@ -78,6 +78,8 @@ class TrainSettings:
         check_float("warmup", self.warmup, low=0.0, high=1.0, high_open=True)
         check_choice("class_weight", self.class_weight, ("balanced", "none"))
         object.__setattr__(self, "class_prior", class_prior_weight(self.class_prior))
+        if not isinstance(self.tune_class_prior, (bool, np.bool_)):
+            raise TabconsInputError(f"tune_class_prior must be true or false, got {self.tune_class_prior!r}")
         check_choice("head", self.head, HEADS)
         check_int("max_length", self.max_length, minimum=8, maximum=8192)
         check_choice("resample", self.resample, RESAMPLING)
@@ -171,7 +173,7 @@ def prior_shift(labels: np.ndarray, num_labels: int, class_weight: str, class_pr
     trades accuracy for balanced accuracy. Adding log(prior) (Menon et al.
     2021) makes the probabilities estimate the data's class frequencies again;
     a fraction of it moves the decision threshold part of the way, which is
-    what the recipe search tunes on the validation rows (members/recipe.py).
+    what each member tunes on the validation rows (``best_class_prior``).
     """
     trained_for = CLASS_PRIORS["uniform" if class_weight == "balanced" else "data"]
     counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
