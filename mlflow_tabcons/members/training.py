@@ -143,7 +143,7 @@ class Member:
     classifier: TabularClassifier
     history: list[dict[str, float]]
     train_rows: np.ndarray
-    class_prior: float = 1.0  # the weight of the training rows' class prior folded into the head (see prior_shift)
+    class_prior: float  # the weight of the training rows' class prior folded into the head (see prior_shift)
 
 
 def balanced_class_weights(labels: np.ndarray, num_labels: int) -> torch.Tensor:
