@@ -138,6 +138,16 @@ def goal_summary(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _members_recipe(rows: list[dict[str, Any]], configured_layers: int | None) -> str:
+    """Epochs and LoRA layers the members trained with (the recipe search's, not the configured), per dataset and shots.
+
+    Rows written before the evaluation recorded its LoRA layers fall back to the configured ones.
+    """
+    recipes = {(row["dataset"], row["shots"]): (row["epochs"], row.get("lora_layers", configured_layers or "all")) for row in rows}
+    return "; ".join(f"{dataset} {shots}: {epochs} epochs, LoRA on {layers if layers == 'all' else f'the top {layers}'} layers"
+                     for (dataset, shots), (epochs, layers) in recipes.items())
+
+
 def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:
     write_result(json_ready(payload), out_dir / f"{name}.json")
     rows, settings = payload["rows"], payload["settings"]
@@ -146,9 +156,9 @@ def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:
     lines = [
         markdown_table(rows),
         f"M = {settings['seeds']} members per configuration (seed 0 is the reference; the truth comes from the other "
-        f"{settings['seeds'] - 1}), {settings['epochs']} epochs, LoRA on the top {settings['lora_layers']} layer(s) of "
-        f"MiniLM-L6, training in {settings['train_precision']}, neighbour passes in {settings['scorer_precision']}; "
-        f"k = {settings['k']}, alpha = 0.05 ({settings.get('bound', 'empirical-bernstein')} bound), tau = {settings.get('tau', 0.5):g}; sigma relative to the norm of what is "
+        f"{settings['seeds'] - 1}), {_members_recipe(rows, settings['lora_layers'])} of {settings['model']}, training in "
+        f"{settings['train_precision']}, neighbour passes in {settings['scorer_precision']}; "
+        f"k = {settings['k']}, alpha = 0.05; sigma relative to the norm of what is "
         f"perturbed; MC-dropout with {settings['dropout_passes']} passes. Intervals: 95% bootstrap over rows "
         f"({settings['resamples']} resamples), paired for differences; certified fraction: Clopper-Pearson.",
         "Goal per row:\n\n" + "\n".join(goal_summary(rows)),

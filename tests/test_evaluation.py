@@ -161,9 +161,12 @@ def _result(**overrides):
 
 def test_markdown_table_shows_intervals_and_marks_rows_without_evidence():
     table = markdown_table([_result(), _result(beats_majority=False, above_chance=False), _result(certified_agreement=None),
-                            _result(beats_majority=False, above_chance=True), _result(above_chance=False)])
+                            _result(beats_majority=False, above_chance=True), _result(above_chance=False),
+                            _result(bound="betting", tau=0.75)])
     lines = table.strip().splitlines()
-    assert len(lines) == 7 and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert len(lines) == 8 and all(line.count("|") == lines[0].count("|") for line in lines)
+    assert "| 64 | empirical-bernstein | 0.5 | 0.72 / 0.65 |" in lines[2]  # results written before bound and tau existed
+    assert "| 64 | betting | 0.75 | 0.72 / 0.65 |" in lines[7]
     assert "| -0.12 [-0.20, -0.04] |" in lines[2]  # the paired difference with its interval
     assert "| 0.970 [0.950, 0.990] | 0.960 [0.940, 0.980] | 0.900 [0.850, 0.950] | 0.70 |" in lines[2]
     assert "| 0.40 [0.33, 0.47] |" in lines[2] and lines[2].endswith("| yes |")

@@ -150,6 +150,19 @@ def test_version_from_models_source_into_empty_model_removes_it(client):
     assert client.get_registered_model("prod-kept").description == "owned by the risk team"
 
 
+@pytest.mark.parametrize("source", ["models:/dev-credit@champion", "models:/dev-credit/latest", "models:/dev-credit/Production"])
+def test_a_models_source_must_pin_its_version(client, source):
+    """The gate judges the version a moving source names before the copy; MLflow refuses to copy from one at all,
+    so the version judged is always the version copied (were that to change, this test says so)."""
+    strong = new_version(client, "dev-credit")
+    client.set_registered_model_alias("dev-credit", "champion", strong.version)
+    client.transition_model_version_stage("dev-credit", strong.version, "Production")
+    client.create_registered_model("prod-credit")  # what a REST copy does first
+    with pytest.raises(MlflowException, match="Unable to fetch model from model URI"):
+        client.create_model_version("prod-credit", source, strong.run_id)
+    assert client.search_model_versions("name = 'prod-credit'") == []
+
+
 @pytest.mark.parametrize("forgery", ["unsigned", "other key", "other run", "garbage"])
 def test_hand_set_evidence_is_refused(client, database_uri, forgery):
     version = new_version(client, "credit", lower=0.6)

@@ -51,7 +51,7 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     assert {"tabcons/rows.json", "tabcons/consistency_vs_range.png", "tabcons/consistency_histogram.png",
             "tabcons/recipe_trials.json", "tabcons/recipe.json"} <= artifacts
     trials = mlflow.load_table("tabcons/recipe_trials.json", run_ids=[parent.info.run_id])
-    assert len(trials) == metrics["recipe_trials"] == 6 and set(trials["numbers"]) == {"plain", "words"}
+    assert len(trials) == metrics["recipe_trials"] == 7 and set(trials["numbers"]) == {"plain", "words"}
     chosen = parent.data.params
     assert chosen["recipe.numbers"] in ("plain", "words") and int(chosen["recipe.train.epochs"]) == 1
     assert {child.data.params["train.learning_rate"] for child in children} == {chosen["recipe.train.learning_rate"]}

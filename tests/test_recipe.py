@@ -73,7 +73,49 @@ def test_search_spends_its_budget_and_returns_the_best_trial(parts):
     assert choice.settings == replace(best.settings, epochs=best.best_epoch)
     assert 1 <= choice.settings.epochs <= 3
     # each step changes the recipe it starts from in one respect
-    assert choice.trials[2].settings.learning_rate == pytest.approx(3 * choice.trials[0].settings.learning_rate)
+    assert choice.trials[2].settings.lora.layers is None and choice.trials[0].settings.lora.layers == 3
+    assert choice.trials[2].settings.learning_rate == choice.trials[0].settings.learning_rate
+    assert choice.trials[3].settings.learning_rate == pytest.approx(3 * choice.trials[0].settings.learning_rate)
+
+
+# validation loss lowest at epoch 2, ranking best at epoch 4: the shape of credit-g's curves
+SCRIPTED_EPOCHS = [
+    {"val_loss": 0.69, "val_auroc": 0.55, "val_accuracy": 0.70},
+    {"val_loss": 0.67, "val_auroc": 0.60, "val_accuracy": 0.70},
+    {"val_loss": 0.68, "val_auroc": 0.64, "val_accuracy": 0.70},
+    {"val_loss": 0.70, "val_auroc": 0.66, "val_accuracy": 0.72},
+    {"val_loss": 0.71, "val_auroc": 0.65, "val_accuracy": 0.71},
+    {"val_loss": 0.72, "val_auroc": 0.65, "val_accuracy": 0.71},
+    {"val_loss": 0.73, "val_auroc": 0.70, "val_accuracy": 0.75},  # never reached: patience 2 stopped at epoch 6
+]
+
+
+def test_trials_stop_and_choose_epochs_by_validation_auroc_not_loss(monkeypatch):
+    from mlflow_tabcons.members.recipe import run_trial
+
+    ran = []
+
+    def scripted(self, seed, *, on_epoch):
+        for epoch, record in enumerate(SCRIPTED_EPOCHS, start=1):
+            ran.append((seed, epoch))
+            if on_epoch({"epoch": float(epoch), **record}):
+                break
+
+    monkeypatch.setattr(EnsembleTrainer, "__init__", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(EnsembleTrainer, "train_member", scripted)
+    auroc, accuracy, loss, best_epoch = run_trial(None, 2, TrainSettings(epochs=7), (None, None), SearchSettings(seeds=(1, 2)))
+    assert ran == [(seed, epoch) for seed in (1, 2) for epoch in range(1, 7)]
+    assert (best_epoch, auroc, accuracy, loss) == (4, 0.66, 0.72, 0.70)
+
+
+def test_best_record_falls_back_to_the_loss_where_auroc_is_undefined():
+    from mlflow_tabcons.members.recipe import best_record
+
+    nan = float("nan")
+    history = [{"epoch": 1.0, "val_loss": 0.6, "val_auroc": nan}, {"epoch": 2.0, "val_loss": 0.5, "val_auroc": nan}]
+    assert best_record(history)["epoch"] == 2.0
+    history.append({"epoch": 3.0, "val_loss": 0.9, "val_auroc": 0.51})
+    assert best_record(history)["epoch"] == 3.0
 
 
 def test_a_change_is_kept_only_for_a_gain_beyond_the_noise():
@@ -139,8 +181,9 @@ def test_a_failing_trial_is_skipped_and_never_chosen(parts, monkeypatch):
 
     monkeypatch.setattr(EnsembleTrainer, "train_member", fails_at_high_rates)
     choice = search_recipe(base, 2, TrainSettings(epochs=2, batch_size=4), {"plain": _rows(tokenizer, PLAIN)},
-                           SearchSettings(budget=2, seeds=(7,)))
-    assert choice.trials[1].error == "RuntimeError: simulated out-of-memory"
+                           SearchSettings(budget=3, seeds=(7,)))
+    assert choice.trials[2].name == "learning rates x3" and not choice.trials[1].error
+    assert choice.trials[2].error == "RuntimeError: simulated out-of-memory"
     assert choice.settings.learning_rate == TrainSettings().learning_rate
 
 

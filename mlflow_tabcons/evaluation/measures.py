@@ -305,7 +305,7 @@ def _evidence(result: Mapping[str, Any]) -> str:
 
 
 TABLE_HEADER = (
-    "dataset", "shots", "M", "rows", "site", "noise", "sigma", "k", "acc / majority",
+    "dataset", "shots", "M", "rows", "site", "noise", "sigma", "k", "bound", "tau", "acc / majority",
     "rho(S,PR)", "rho(conf,PR)", "rho(drop,PR)", "S-conf rho(PR)", "S-drop rho(PR)",
     "AUROC S", "AUROC conf", "S-conf AUROC", "partial rho(S,PR given conf)", "rho(S,conf)",
     "certified", "agree: certified", "agree: matched conf", "agree: matched dropout", "same rows as top conf", "evidence",
@@ -322,7 +322,8 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
         cells = [
             result["dataset"], result["shots"], result["seeds"], result["n_eval"], result.get("perturb", "embeddings"),
             result.get("noise", "sphere"), f"{result['sigma']:g}{'' if result.get('sigma_mode') == 'relative' else ' abs'}",
-            result["k"], f"{_cell(result['accuracy_mean'])} / {_cell(result['majority_rate'])}",
+            result["k"], result.get("bound", "empirical-bernstein"), f"{result.get('tau', 0.5):g}",
+            f"{_cell(result['accuracy_mean'])} / {_cell(result['majority_rate'])}",
             _with_ci(quality["consistency"], "spearman_pr"), _with_ci(quality["confidence"], "spearman_pr"),
             _with_ci(dropout, "spearman_pr") if dropout else "n/a",
             _with_ci(comparisons["consistency_minus_confidence"], "spearman_pr"),

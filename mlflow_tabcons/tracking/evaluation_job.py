@@ -99,6 +99,7 @@ def evaluate_scores(
         "shots": len(data.train),
         "seeds": len(outcome.members),
         "epochs": trainer.settings.epochs,
+        "lora_layers": trainer.settings.lora.layers or "all",  # the members' own recipe, searched or fixed
         "k": settings.k,
         "sigma": settings.sigma,
         "sigma_mode": settings.sigma_mode,
