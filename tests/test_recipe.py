@@ -86,7 +86,7 @@ SCRIPTED_EPOCHS = [
     {"val_loss": 0.70, "val_auroc": 0.66, "val_accuracy": 0.72},
     {"val_loss": 0.71, "val_auroc": 0.65, "val_accuracy": 0.71},
     {"val_loss": 0.72, "val_auroc": 0.65, "val_accuracy": 0.71},
-    {"val_loss": 0.73, "val_auroc": 0.70, "val_accuracy": 0.75},  # never reached: patience 2 stopped at epoch 6
+    {"val_loss": 0.73, "val_auroc": 0.70, "val_accuracy": 0.75},  # never reached with patience 2
 ]
 
 
@@ -103,9 +103,30 @@ def test_trials_stop_and_choose_epochs_by_validation_auroc_not_loss(monkeypatch)
 
     monkeypatch.setattr(EnsembleTrainer, "__init__", lambda self, *args, **kwargs: None)
     monkeypatch.setattr(EnsembleTrainer, "train_member", scripted)
-    auroc, accuracy, loss, best_epoch = run_trial(None, 2, TrainSettings(epochs=7), (None, None), SearchSettings(seeds=(1, 2)))
-    assert ran == [(seed, epoch) for seed in (1, 2) for epoch in range(1, 7)]
+    search = SearchSettings(seeds=(1, 2), patience=2)
+    auroc, accuracy, loss, best_epoch = run_trial(None, 2, TrainSettings(epochs=7), (None, None), search)
+    assert ran == [(seed, epoch) for seed in (1, 2) for epoch in range(1, 7)]  # patience 2: stopped after epoch 6
     assert (best_epoch, auroc, accuracy, loss) == (4, 0.66, 0.72, 0.70)
+
+
+def test_a_step_back_to_a_recipe_already_tried_reuses_its_scores(monkeypatch):
+    """x3 wins, then /3 leads back to the configured recipe: reported again, not trained again."""
+    from mlflow_tabcons.members import recipe
+
+    trained = []
+
+    def fake_trial(base_model, num_labels, settings, rows, search, **kwargs):
+        trained.append(settings)
+        return (0.70 if settings.learning_rate > 2e-3 else 0.60), 0.7, 0.5, 3
+
+    monkeypatch.setattr(recipe, "run_trial", fake_trial)
+    configured = TrainSettings(epochs=4)
+    choice = search_recipe(None, 2, configured, {"plain": ([0], [0])}, SearchSettings(budget=100))
+    assert [t.name for t in choice.trials][-1] == "learning rates /3 (= as configured)"
+    assert len(trained) == len(choice.trials) - 1 and configured in trained
+    first, last = choice.trials[0], choice.trials[-1]
+    assert (last.settings, last.val_auroc, last.best_epoch, last.seconds) == (first.settings, first.val_auroc, 3, 0.0)
+    assert choice.settings.learning_rate == pytest.approx(3 * configured.learning_rate)
 
 
 def test_best_record_falls_back_to_the_loss_where_auroc_is_undefined():
