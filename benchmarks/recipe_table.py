@@ -154,7 +154,7 @@ def markdown(payload: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['table']} | {c.get('numbers')} | {float(c['train.learning_rate']):g} ({float(c['train.head_learning_rate']):g}) | "
                 f"{c.get('train.class_weight')} | {' / '.join(f'{p:g}' for p in r.get('member_class_prior') or []) or 'not recorded'} | "
-                f"{c.get('train.lora.rank')} / {c.get('train.lora.layers')} | "
+                f"{c.get('train.lora.rank')} / {'all' if c.get('train.lora.layers') == 'None' else c.get('train.lora.layers')} | "
                 f"{c.get('train.epochs')} |"
             )
     return "\n".join(lines) + "\n"
