@@ -296,12 +296,8 @@ def break_glass_armed_in_process_and_promoted_over_rest_by_one_person(arena: Are
     """Anna arms break-glass from a Python shell (named local:anna) and promotes as the REST user Anna."""
     arena.allow_break_glass()
     weak = _weak(arena)
-    real_user, real_actor = getpass.getuser, audit.current_actor
-    getpass.getuser = lambda: "anna"
-    try:
-        arena.client.set_model_version_tag(MODEL, weak.version, f"{BREAK_GLASS_TAG}.champion", "INC-2: approved")
-    finally:
-        getpass.getuser = real_user
+    _armed_by_an_approver(arena, weak.version, "champion", os_user="anna")
+    real_actor = audit.current_actor
     audit.current_actor = lambda: "Anna"  # what the auth app names her over REST
     try:
         arena.client.set_registered_model_alias(MODEL, "champion", weak.version)
@@ -309,10 +305,10 @@ def break_glass_armed_in_process_and_promoted_over_rest_by_one_person(arena: Are
         audit.current_actor = real_actor
 
 
-def _armed_by_an_approver(arena: Arena, version: str, suffix: str) -> None:
+def _armed_by_an_approver(arena: Arena, version: str, suffix: str, os_user: str = "approver-anna") -> None:
     """Arm break-glass as another OS user (an in-process client is named by its OS user)."""
     real = getpass.getuser
-    getpass.getuser = lambda: "approver-anna"
+    getpass.getuser = lambda: os_user
     try:
         arena.client.set_model_version_tag(MODEL, version, f"{BREAK_GLASS_TAG}.{suffix}", "INC-1: approved")
     finally:
