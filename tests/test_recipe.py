@@ -129,14 +129,14 @@ def test_a_step_back_to_a_recipe_already_tried_reuses_its_scores(monkeypatch):
     assert choice.settings.learning_rate == pytest.approx(3 * configured.learning_rate)
 
 
-def test_best_record_falls_back_to_the_loss_where_auroc_is_undefined():
-    from mlflow_tabcons.members.recipe import best_record
+def test_best_index_falls_back_to_the_loss_where_auroc_is_undefined():
+    from mlflow_tabcons.members.recipe import best_index
 
     nan = float("nan")
     history = [{"epoch": 1.0, "val_loss": 0.6, "val_auroc": nan}, {"epoch": 2.0, "val_loss": 0.5, "val_auroc": nan}]
-    assert best_record(history)["epoch"] == 2.0
+    assert history[best_index(history)]["epoch"] == 2.0
     history.append({"epoch": 3.0, "val_loss": 0.9, "val_auroc": 0.51})
-    assert best_record(history)["epoch"] == 3.0
+    assert history[best_index(history)]["epoch"] == 3.0
 
 
 def test_a_change_is_kept_only_for_a_gain_beyond_the_noise():

@@ -124,15 +124,16 @@ def planned_trials(numbers: Sequence[str], budget: int) -> int:
     return min(budget, len(numbers) + len(STEPS))
 
 
-def best_record(history: Sequence[Mapping[str, float]]) -> Mapping[str, float]:
-    """The epoch with the highest validation AUROC (the first of equals; the lowest loss when AUROC is undefined).
+def best_index(history: Sequence[Mapping[str, float]]) -> int:
+    """Where in ``history`` the validation AUROC is highest (the first of equals; the lowest loss when AUROC is undefined).
 
     Not the lowest validation loss: on credit-g the loss bottomed out after 4-5 epochs while the
     ranking kept improving, and members trained that short answered the majority class for every row.
     """
-    if any(np.isfinite(r["val_auroc"]) for r in history):
-        return max(history, key=lambda r: r["val_auroc"] if np.isfinite(r["val_auroc"]) else -np.inf)
-    return min(history, key=lambda r: r["val_loss"])
+    auroc = np.array([r["val_auroc"] for r in history], dtype=float)
+    if np.isfinite(auroc).any():
+        return int(np.nanargmax(auroc))
+    return int(np.argmin([r["val_loss"] for r in history]))
 
 
 def run_trial(
@@ -154,10 +155,10 @@ def run_trial(
 
         def stop(record: dict[str, float]) -> bool:
             history.append(record)
-            return len(history) - history.index(best_record(history)) - 1 >= search.patience
+            return len(history) - 1 - best_index(history) >= search.patience
 
         trainer.train_member(seed, on_epoch=stop)
-        bests.append(best_record(history))
+        bests.append(history[best_index(history)])
     auroc = np.array([b["val_auroc"] for b in bests], dtype=float)
     return (
         float(np.nanmean(auroc)) if np.isfinite(auroc).any() else float("nan"),
