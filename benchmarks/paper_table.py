@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=10, help="members M per configuration")
     parser.add_argument("--epochs", type=int, default=TrainSettings().epochs)
     parser.add_argument("--lora-layers", type=int, default=LoraSettings().layers, help="LoRA on the top N layers")
+    parser.add_argument("--recipe-budget", type=int, default=TrainingConfig.recipe_budget,
+                        help="trials of the members' recipe search (2: only how numbers read)")
     parser.add_argument("--train-precision", default="bfloat16")
     parser.add_argument("--scorer-precision", default="bfloat16")
     parser.add_argument("--eval-rows", type=int, default=200, help="test rows (all of them where the split has fewer)")
@@ -117,7 +119,7 @@ def candidates(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dic
 def _config(args: argparse.Namespace, dataset: str, shots: int, first: dict[str, Any]) -> TrainingConfig:
     return TrainingConfig(
         data=dataset, shots=shots, seeds=args.seeds, eval_rows=eval_rows_available(dataset, args.eval_rows), model=args.model,
-        experiment="tabcons-paper-table", register=None,
+        experiment="tabcons-paper-table", register=None, recipe_budget=args.recipe_budget,
         train=TrainSettings(epochs=args.epochs, precision=args.train_precision, lora=LoraSettings(layers=args.lora_layers)),
         scorer=ScorerSettings(k=args.k, precision=args.scorer_precision, bound=args.bound, tau=args.tau, **first),
     )
