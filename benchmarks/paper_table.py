@@ -169,6 +169,8 @@ def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:
         lines.append(f"Calibration for {key} on {calibration['n_rows']} held-out rows ({calibration['seconds_score']:.0f} s of "
                      f"scoring): chose {calibration['perturb']}, {calibration['noise']}, sigma {calibration['sigma']:g}; "
                      f"{calibration['chosen_by']}.\n\n" + ablation_table(calibration["candidates"], calibration))
+    if payload.get("not_run"):
+        lines.append("Asked for but not measured (the run stopped first): " + ", ".join(payload["not_run"]) + ".")
     loads = payload.get("load_averages") or [float("nan")]
     lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min on {payload['machine']['cores']} CPU cores "
                  f"({payload['machine']['cpu']}), {payload['machine']['torch_threads']} torch thread(s); 1-minute load average "
@@ -176,17 +178,26 @@ def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:
     (out_dir / f"{name}.md").write_text("\n\n".join(lines) + "\n")
 
 
+def not_measured(settings: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
+    """The dataset and shot counts some run was asked for that no row measures (a run stopped early)."""
+    asked = {(dataset, int(shots)) for part in settings
+             for dataset in _list(str, part["datasets"]) for shots in _list(int, str(part["shots"]))}
+    measured = {(row["dataset"], int(row["shots"])) for row in rows}
+    return [f"{dataset} {shots}" for dataset, shots in sorted(asked - measured)]
+
+
 def combine(paths: list[Path], out_dir: Path, name: str) -> dict[str, Any]:
-    """One table from runs made side by side."""
+    """One table from runs made side by side (a combined file's own parts are kept, not nested)."""
     parts = [json.loads(path.read_text()) for path in paths]
+    settings = [setting for part in parts for setting in part.get("parts") or [part["settings"]]]
     payload = {**parts[0], "rows": [], "calibrations": {}, "seconds_total": 0.0,
-               "load_averages": [load for part in parts for load in part.get("load_averages", [])],
-               "parts": [part["settings"] for part in parts]}
+               "load_averages": [load for part in parts for load in part.get("load_averages", [])], "parts": settings}
     for part in parts:
         payload["rows"] += part["rows"]
         payload["calibrations"].update(part["calibrations"])
         payload["seconds_total"] += part["seconds_total"]
     payload["rows"].sort(key=lambda row: (row["dataset"], row["shots"]))
+    payload["not_run"] = not_measured(settings, payload["rows"])
     _write(out_dir, name, payload)
     return payload
 
