@@ -156,8 +156,11 @@ def ablation_table(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any])
     return "\n".join(lines) + "\n"
 
 
-def ablation_figure(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any]):
-    """Per site: the paired difference rho(S,PR) - rho(conf,PR) (left) and the certified fraction (right) against sigma."""
+def ablation_figure(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any], *, rows: str = "held-out rows"):
+    """Per site: the paired difference rho(S,PR) - rho(conf,PR) (left) and the certified fraction (right) against sigma.
+
+    ``rows`` names what the candidates were scored on (the calibration's held-out rows, or evaluation rows).
+    """
     figure, (left, right) = new_figure(2, width=10)
     for site, noise in sorted({(row["perturb"], row["noise"]) for row in candidates}):
         rows = sorted((r for r in candidates if (r["perturb"], r["noise"]) == (site, noise)), key=lambda r: r["sigma"])
@@ -173,7 +176,7 @@ def ablation_figure(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any]
         axis.set_xscale("log")
         axis.set_xlabel(f"sigma ({chosen['sigma_mode']}), k = {chosen['k']}")
         axis.legend(fontsize=8)
-    figure.suptitle(f"Calibration on held-out rows: chosen {chosen['perturb']}, {chosen['noise']}, sigma {chosen['sigma']:g}")
+    figure.suptitle(f"Scored on {rows}; calibration chose {chosen['perturb']}, {chosen['noise']}, sigma {chosen['sigma']:g}")
     figure.tight_layout()
     return figure
 
