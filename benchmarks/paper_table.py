@@ -277,7 +277,7 @@ def evaluate_settings(args: argparse.Namespace, config: TrainingConfig, outcome:
         payload["seconds_total"] = payload["clock"].lap()[0]
         _write(out_dir, args.name, {k: v for k, v in payload.items() if k != "clock"})
     if chosen is not None:
-        figure = ablation_figure(results, chosen, rows=f"{len(outcome.data.evaluation)} evaluation rows")
+        figure = ablation_figure(results, chosen, scored_on=f"{len(outcome.data.evaluation)} evaluation rows")
         figure.savefig(out_dir / f"{args.name}_{key}_sites.png", dpi=110)
     payload["load_averages"].append(os.getloadavg()[0])
 

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from mlflow_tabcons.tracking.calibration import (
     CalibrationGrid,
+    ablation_figure,
     ablation_table,
     apply_calibration,
     choose_neighbourhood,
@@ -40,6 +41,14 @@ def test_the_chosen_neighbourhood_carries_its_settings_and_reason():
     table = ablation_table(candidates, chosen).strip().splitlines()
     assert table[3].startswith("| hidden | sphere | 1 | -0.300 | -0.120 [-0.220, -0.020]") and table[3].endswith("chosen |")
     assert not table[2].endswith("chosen |") and "| n/a | n/a |" in table[4]
+
+
+def test_the_ablation_figure_says_which_rows_were_scored():
+    candidates = [_candidate("hidden", 0.5, -0.1, 0.5, 1.0, 1.0), _candidate("hidden", 1.0, -0.2, 0.2, 1.0, 1.0)]
+    chosen = choose_neighbourhood(candidates)
+    assert ablation_figure(candidates, chosen)._suptitle.get_text().startswith("Scored on held-out rows; calibration chose hidden")
+    title = ablation_figure(candidates, chosen, scored_on="200 evaluation rows")._suptitle.get_text()
+    assert title == f"Scored on 200 evaluation rows; calibration chose hidden, sphere, sigma {chosen['sigma']:g}"
 
 
 def test_grid_lists_every_site_noise_and_sigma():

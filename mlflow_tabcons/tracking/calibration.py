@@ -156,10 +156,10 @@ def ablation_table(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any])
     return "\n".join(lines) + "\n"
 
 
-def ablation_figure(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any], *, rows: str = "held-out rows"):
+def ablation_figure(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any], *, scored_on: str = "held-out rows"):
     """Per site: the paired difference rho(S,PR) - rho(conf,PR) (left) and the certified fraction (right) against sigma.
 
-    ``rows`` names what the candidates were scored on (the calibration's held-out rows, or evaluation rows).
+    ``scored_on`` names what the candidates were scored on (the calibration's held-out rows, or evaluation rows).
     """
     figure, (left, right) = new_figure(2, width=10)
     for site, noise in sorted({(row["perturb"], row["noise"]) for row in candidates}):
@@ -176,7 +176,7 @@ def ablation_figure(candidates: Sequence[dict[str, Any]], chosen: dict[str, Any]
         axis.set_xscale("log")
         axis.set_xlabel(f"sigma ({chosen['sigma_mode']}), k = {chosen['k']}")
         axis.legend(fontsize=8)
-    figure.suptitle(f"Scored on {rows}; calibration chose {chosen['perturb']}, {chosen['noise']}, sigma {chosen['sigma']:g}")
+    figure.suptitle(f"Scored on {scored_on}; calibration chose {chosen['perturb']}, {chosen['noise']}, sigma {chosen['sigma']:g}")
     figure.tight_layout()
     return figure
 
