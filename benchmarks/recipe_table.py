@@ -45,7 +45,7 @@ from common import RESULTS, Clock, eval_rows_available, machine, write_result  #
 
 from mlflow_tabcons.scoring.consistency import ScorerSettings  # noqa: E402
 from mlflow_tabcons.tracking.config import TrainingConfig  # noqa: E402
-from mlflow_tabcons.tracking.training_job import run_training  # noqa: E402
+from mlflow_tabcons.tracking.training_job import REPLACED_TAG, run_training  # noqa: E402
 
 OUT = RESULTS / "recipe_table.json"
 # name -> (data source, target, where it comes from); pydataset tables are (package/file inside its archive)
@@ -92,6 +92,8 @@ def measure(name: str, seeds: int, eval_rows: int, k: int, folder: Path, model: 
         "rows": len(outcome.data.dataset.frame),
         "n_eval": len(outcome.data.evaluation),
         "n_validation": len(outcome.data.validation),
+        "member_seeds": [m.seed for m in outcome.members],
+        "replaced_seeds": [int(s) for s in run.data.tags.get(REPLACED_TAG, "").split(",") if s],
         "member_accuracy": members,
         "member_auroc": [metrics.get(f"auroc_seed_{m.seed}") for m in outcome.members],
         "member_class_prior": [m.class_prior for m in outcome.members],
@@ -128,6 +130,17 @@ def merge(result: dict[str, Any], out: Path) -> dict[str, Any]:
     return payload
 
 
+def _seeds(result: dict[str, Any]) -> str:
+    return f" ({', '.join(map(str, result['member_seeds']))})" if "member_seeds" in result else ""
+
+
+def _replaced(result: dict[str, Any]) -> str:
+    """The seeds that did not learn on the validation rows and were replaced; runs from before the rule: not recorded."""
+    if "replaced_seeds" not in result:
+        return "not recorded"
+    return ", ".join(map(str, result["replaced_seeds"])) or "none"
+
+
 def markdown(payload: dict[str, Any]) -> str:
     info = payload["machine"]
     lines = [
@@ -135,13 +148,13 @@ def markdown(payload: dict[str, Any]) -> str:
         f"model {', '.join(sorted({r.get('model', 'minilm') for r in payload['tables'].values()}))}, 128 shots, "
         "defaults (`--recipe auto`), no per-table settings.",
         "",
-        "| table | members' accuracy | majority | logistic (AUROC) | boosting (AUROC) | members learned (test) | "
+        "| table | members' accuracy (seeds) | replaced seeds | majority | logistic (AUROC) | boosting (AUROC) | members learned (test) | "
         "every member > majority | mean >= half the logistic margin | recipe search s | members s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in payload["tables"].values():
         lines.append(
-            f"| {r['table']} | {' / '.join(f'{a:.3f}' for a in r['member_accuracy'])} | {r['majority_rate']:.3f} | "
+            f"| {r['table']} | {' / '.join(f'{a:.3f}' for a in r['member_accuracy'])}{_seeds(r)} | {_replaced(r)} | {r['majority_rate']:.3f} | "
             f"{r['logistic_accuracy']:.3f} ({r['logistic_auroc']:.3f}) | {r['boosting_accuracy']:.3f} ({r['boosting_auroc']:.3f}) | "
             f"{'yes' if r['members_learned'] else 'no'} | {'yes' if r['every_member_beats_majority'] else 'no'} | "
             f"{'yes' if r['half_of_logistic_margin'] else 'no'} | {r['seconds_recipe_search']:.0f} | {r['seconds_members']:.0f} |"

@@ -49,7 +49,8 @@ class ConcurrencyResult:
 def train_command(model: str, experiment: str, register: str) -> list[str]:
     return [TABCONS, "train", "--data", "diabetes", "--model", model, "--shots", "24", "--epochs", str(EPOCHS),
             "--eval-rows", "20", "--k", "8", "--batch-size", "8", "--seeds", str(SEEDS),
-            "--experiment", experiment, "--register", register]
+            # every run counted must be expected: members that do not learn would add a replacement's run
+            "--max-replacements", "0", "--experiment", experiment, "--register", register]
 
 
 def run_concurrently(uri: str, processes: int, model: str, logs: Path) -> ConcurrencyResult:

@@ -52,7 +52,7 @@ def evidence(run_id: str, *, lower: float = 0.85, accuracy: float = 0.8, arbitra
         run_id=run_id, role="trainer", certified_fraction=round(min(1.0, lower + 0.05), 2), certified_fraction_lower=lower,
         certified_fraction_upper=min(1.0, lower + 0.1), n_eval=n_eval, k=128, sigma=0.5, sigma_mode="relative", alpha=0.05,
         tau=0.5, bound="empirical-bernstein", variance_bound=1.0, max_row_variance=0.1, noise="sphere", perturb="embeddings", early_stop=False,
-        score_seed=0, precision="float32", members=3, members_learned=True, eval_digest=digest, accuracy=accuracy,
+        score_seed=0, precision="float32", members=3, members_learned=True, members_replaced=0, eval_digest=digest, accuracy=accuracy,
         arbitrariness=arbitrariness, predictions=rows, model_sha256=model_sha256,
     )
     fields.update(protocol)

@@ -35,7 +35,8 @@ def test_mlflow_run_main_logs_an_ensemble(tmp_path, tiny_model_dir):
     parent = next(r for r in runs if r.data.tags.get("tabcons.role") == "ensemble")
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED"
-    assert sorted(r.info.run_name for r in children) == ["seed-0", "seed-1"]
+    replaced = int(parent.data.metrics["members_replaced"])  # tiny members may not learn: seed 2 may replace one
+    assert sorted(r.info.run_name for r in children) == [f"seed-{i}" for i in range(2 + replaced)] and replaced <= 1
     assert parent.data.params["target"] == "''" and parent.data.params["scorer.k"] == "16"
     chosen = {key: parent.data.params[key] for key in ("scorer.bound", "train.class_prior", "train.precision", "scorer.precision")}
     assert chosen == {"scorer.bound": "betting", "train.class_prior": "0.0", "train.precision": "bfloat16",

@@ -29,21 +29,25 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     assert len(parents) == 1
     parent = parents[0]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert sorted(r.data.params["seed"] for r in children) == ["0", "1"]
+    metrics = parent.data.metrics
+    # tiny members rarely rank the validation rows above chance: one of them may be replaced by seed 2
+    kept = sorted(int(r.data.params["seed"]) for r in children if r.data.tags["tabcons.replaced"] == "false")
+    replaced = sorted(int(r.data.params["seed"]) for r in children if r.data.tags["tabcons.replaced"] == "true")
+    assert len(kept) == 2 and len(replaced) == metrics["members_replaced"] <= 1
+    assert sorted(kept + replaced) == list(range(2 + len(replaced)))
     assert all(r.info.status == "FINISHED" for r in children + [parent])
     for child in children:
         history = mlflow.MlflowClient().get_metric_history(child.info.run_id, "train_loss")
         assert [m.step for m in history] == [1]
         assert {"accuracy", "balanced_accuracy", "auroc", "val_accuracy", "majority_rate"} <= set(child.data.metrics)
-    metrics = parent.data.metrics
-    for key in ("accuracy_seed_0", "accuracy_seed_1", "accuracy_mean", "arbitrariness", "mean_pairwise_disagreement",
+    for key in (f"accuracy_seed_{kept[0]}", f"accuracy_seed_{kept[1]}", "accuracy_mean", "arbitrariness", "mean_pairwise_disagreement",
                 "mean_prediction_variance", "mean_prediction_range", "certified_fraction", "certified_fraction_lower",
                 "certified_fraction_upper", "members_succeeded", "balanced_accuracy_mean", "majority_rate",
                 "baseline_logistic_accuracy", "baseline_logistic_auroc", "baseline_boosting_accuracy", "baseline_boosting_auroc"):
         assert key in metrics, key
     assert metrics["members_succeeded"] == 2
     assert parent.data.tags["tabcons.members_learned"] == ("true" if metrics["members_learned"] == 1.0 else "false")
-    assert 0.0 <= metrics["majority_test_pvalue_seed_0"] <= 1.0
+    assert 0.0 <= metrics[f"majority_test_pvalue_seed_{kept[0]}"] <= 1.0
     assert metrics["certified_fraction_lower"] <= metrics["certified_fraction"] <= metrics["certified_fraction_upper"]
     assert parent.data.params["scorer.k"] == "16" and parent.data.params["seeds"] == "2"
 
@@ -57,11 +61,13 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     assert {child.data.params["train.learning_rate"] for child in children} == {chosen["recipe.train.learning_rate"]}
     table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
     assert len(table) == 20
-    for column in ("label", "predicted", "probability_seed_0", "probability_seed_1", "consistency", "consistency_lcb",
-                   "certified", "prediction_variance", "prediction_range", "glu", "bmi"):
+    first, second = (f"probability_seed_{seed}" for seed in kept)
+    assert not {f"probability_seed_{seed}" for seed in replaced} & set(table.columns)
+    for column in ("label", "predicted", first, second, "consistency", "consistency_lcb", "certified",
+                   "prediction_variance", "prediction_range", "glu", "bmi"):
         assert column in table.columns, column
     assert np.all(table["consistency_lcb"] < table["consistency"])
-    spread = (table["probability_seed_0"] - table["probability_seed_1"]).abs()
+    spread = (table[first] - table[second]).abs()
     np.testing.assert_allclose(table["prediction_range"], spread, atol=1e-6)
     assert metrics["arbitrariness"] == pytest.approx(float((table["pairwise_disagreement"] > 0).mean()))
     assert "certified fraction" in result.output

@@ -44,6 +44,8 @@ def test_stage_names_are_canonical():
         ("version: 1\nallow_break_glass: true\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "replaced by `break_glass:"),
         ("version: 1\nprotocol: {min_tau: 2}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "protocol.min_tau must be in [-1.0, 1.0]"),
         ("version: 1\nprotocol: {bounds: [hoeffding]}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "must be one of"),
+        ("version: 1\nprotocol: {max_replaced_fraction: 1.5}\naliases:\n  c: {min_accuracy: 0.5}\n", 2,
+         "protocol.max_replaced_fraction must be a fraction in [0, 1]"),
         ("version: 1\nprotocol: {min_k: 0}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "whole number >= 1"),
         ("version: 1\nprotocol: {min_k: !!int many}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "whole number >= 1"),
         ("version: 1\nprotocol: {min_sigma: !!float wide}\naliases:\n  c: {min_accuracy: 0.5}\n", 2, "must be a number"),
@@ -159,6 +161,9 @@ def test_the_cheat_of_the_issue_is_refused_naming_every_breach():
         (dict(sigma=0.01), "protocol breach: sigma 0.01 (policy: at least 0.5)"),
         (dict(sigma_mode="absolute"), "protocol breach: sigma_mode 'absolute'"),
         (dict(members=1), "protocol breach: members 1 (policy: at least 2)"),
+        (dict(members=3, members_replaced=2), "protocol breach: members_replaced 2 of 3 (policy: at most 0.5 of the members)"),
+        (dict(members=3, members_replaced=1), None),
+        (dict(members=3, members_replaced=3, role="verifier"), None),
         (dict(perturb="pooled"), "protocol breach: perturb 'pooled' (policy: one of ['embeddings', 'values', 'hidden'])"),
         (dict(role="verifier"), None),
     ],
@@ -166,6 +171,16 @@ def test_the_cheat_of_the_issue_is_refused_naming_every_breach():
 def test_default_protocol_breaches(change, breach):
     found = decide("m", "1", CHAMPION, RuleSet(min_accuracy=0.5), evidence("r", **change)).breaches
     assert (breach is None and found == ()) or (breach is not None and found[0].startswith(breach))
+
+
+def test_a_policy_can_refuse_any_replaced_member():
+    """Replacing members that did not learn lowers the multiplicity measured: the policy, not the trainer, bounds it."""
+    protocol = parse_policy(POLICY.replace("stages:", "protocol: {max_replaced_fraction: 0}\nstages:", 1)).protocol_for("m", CHAMPION)
+    rules = RuleSet(min_accuracy=0.5)
+    assert decide("m", "1", CHAMPION, rules, evidence("r", members=5), protocol=protocol).breaches == ()
+    assert decide("m", "1", CHAMPION, rules, evidence("r", members=5, members_replaced=1), protocol=protocol).breaches == (
+        "protocol breach: members_replaced 1 of 5 (policy: at most 0 of the members)",
+    )
 
 
 def test_policy_protocol_layers_and_a_stated_variance_bound():

@@ -78,6 +78,9 @@ data_options = _stack(
 
 training_options = _stack(
     click.option("--seeds", type=int, default=_DEFAULT_CONFIG.seeds, show_default=True, help="Ensemble members (>= 2)."),
+    click.option("--max-replacements", type=int, default=None,
+                 help="Most members that rank the validation rows no better than chance may be replaced by one "
+                      "trained with a new seed (0: keep every member as trained).  [default: half the members, at least 1]"),
     click.option("--recipe", type=click.Choice(RECIPE_MODES), default=_DEFAULT_CONFIG.recipe, show_default=True,
                  help="auto: choose learning rates, epochs, LoRA size, class weighting and number style on the "
                       "validation rows, once per ensemble; fixed: train every member with the options as given."),
@@ -230,6 +233,7 @@ def training_config_from_options(options: dict[str, Any]) -> TrainingConfig:
         recipe_budget=options["recipe_budget"],
         shots=options["shots"],
         seeds=options["seeds"],
+        max_replacements=options["max_replacements"],
         eval_rows=options["eval_rows"],
         model=options["model"],
         experiment=options["experiment"],

@@ -42,8 +42,9 @@ def train(resume_run_id: str | None, **options: object) -> None:
         config = resumed_config(resume_run_id, config, defaults)
     outcome = run_training(config, resume_run_id)
     metrics = outcome.metrics
+    replaced = f" ({outcome.members_replaced} in place of seeds that did not learn)" if outcome.members_replaced else ""
     click.echo(
-        f"parent run {outcome.parent_run_id}: {len(outcome.members)} members, "
+        f"parent run {outcome.parent_run_id}: {len(outcome.members)} members{replaced}, "
         f"accuracy {metrics['accuracy_mean']:.3f} (majority {metrics['majority_rate']:.3f}), "
         f"arbitrariness {metrics['arbitrariness']:.3f}, certified fraction {metrics['certified_fraction']:.3f} "
         f"[{metrics['certified_fraction_lower']:.3f}, {metrics['certified_fraction_upper']:.3f}]"

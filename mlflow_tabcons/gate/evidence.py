@@ -6,7 +6,7 @@ verifier measured it on a holdout (`tabcons verify`). The value is a JSON payloa
 plus an HMAC-SHA256 over it with the role's key (see ``keys``): anyone can read
 the tag, only a key holder can write one the gate accepts. The payload records
 everything that decides what "certified" meant (tau, alpha, bound, variance
-bound, k, sigma, noise, perturbation site, early stop, seed, precision, rows, members) so the
+bound, k, sigma, noise, perturbation site, early stop, seed, precision, rows, members, replaced members) so the
 policy's protocol can be checked against it, and the sha256 of the model's
 files, so the numbers stay bound to the content they were measured on.
 """
@@ -38,7 +38,8 @@ BREAK_GLASS_TAG = "tabcons.break_glass"
 # Tag keys only the gate itself may write: evidence, verdicts, audit markers.
 RESERVED_TAG_PREFIXES = ("tabcons.evidence", "tabcons.verdict", "tabcons.audit")
 # 3: protocol fields, content digest, signer role (2 had neither; its numbers were measured under the trainer's own rules)
-FORMAT_VERSION = 4
+# 5: members_replaced (4 could not say whether members that did not learn had been swapped for new seeds)
+FORMAT_VERSION = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,7 @@ class Evidence:
     precision: str
     members: int
     members_learned: bool
+    members_replaced: int
     eval_digest: str
     accuracy: float
     arbitrariness: float | None
@@ -102,6 +104,7 @@ class Evidence:
             raise TabconsInputError(f"evidence certified_fraction {self.certified_fraction} is no whole share of {self.n_eval} rows")
         check_int("evidence k", self.k, minimum=1)
         check_int("evidence members", self.members, minimum=1)
+        check_int("evidence members_replaced", self.members_replaced, minimum=0)
         check_int("evidence score_seed", self.score_seed, minimum=0)
         check_float("evidence sigma", self.sigma, low=0.0, low_open=True)
         check_float("evidence alpha", self.alpha, low=0.0, high=1.0, low_open=True, high_open=True)
@@ -216,8 +219,8 @@ def verify_evidence(value: str | None, key: bytes | None, role: str = TRAINER) -
         raise refuse("tampered evidence: no signed payload (missing 'evidence' or 'hmac_sha256')")
     if document.get("format") != FORMAT_VERSION:
         raise refuse(
-            f"evidence format {document.get('format')!r} is not {FORMAT_VERSION}: it was written by an older "
-            "mlflow-tabcons and records neither the measurement protocol nor the model's content; measure the version again"
+            f"evidence format {document.get('format')!r} is not {FORMAT_VERSION}: it was written by another version of "
+            "mlflow-tabcons and does not record everything the gate checks; measure the version again"
         )
     payload = document["evidence"]
     if not isinstance(payload, dict):

@@ -49,6 +49,7 @@ _PROTOCOL_SCHEMA: dict[str, tuple[str, Any]] = {
     "min_k": ("count", None),
     "min_eval_rows": ("count", None),
     "min_members": ("count", None),
+    "max_replaced_fraction": ("number", (0.0, 1.0)),
     "sigma_modes": ("choices", SIGMA_MODE_NAMES),
     "min_sigma": ("number", (0.0, None)),
     "max_sigma": ("number", (0.0, None)),

@@ -2,9 +2,10 @@
 
 The party being gated must not choose how its model is measured. Whatever
 decides whether a row is "certified" (tau, alpha, the bound and its variance
-bound, k, sigma, where the noise goes, rows, members) is checked here against the policy, and the
-interval behind ``on: lower`` is recomputed at the policy's level from the
-certified count, never read at the evidence's own alpha. With no
+bound, k, sigma, where the noise goes, rows, members and how many of them were
+replaced) is checked here against the policy, and the interval behind
+``on: lower`` is recomputed at the policy's level from the certified count,
+never read at the evidence's own alpha. With no
 ``protocol:`` section, ``DEFAULT_PROTOCOL`` applies (documented in docs/gate.md).
 Pure functions: no MLflow, no database.
 """
@@ -36,7 +37,9 @@ class Protocol:
 
     ``evidence``: ``trainer`` accepts trainer- or verifier-signed evidence (verifier first);
     ``verified`` only evidence the verifier measured, on the holdout ``holdout_sha256`` when set.
-    ``min_members`` and ``members_learned`` concern the trained ensemble, so they apply to trainer evidence;
+    ``min_members``, ``max_replaced_fraction`` and ``members_learned`` concern the trained ensemble, so the first
+    two apply to trainer evidence (``max_replaced_fraction``: of the members measured, the most that may stand in
+    for seeds replaced because they did not learn; replacing members lowers the multiplicity measured);
     a verifier scores the registered model alone and reports whether it beats the holdout's majority rate.
     """
 
@@ -47,6 +50,7 @@ class Protocol:
     min_k: int = 64
     min_eval_rows: int = 50
     min_members: int = 2
+    max_replaced_fraction: float = 0.5
     sigma_modes: tuple[str, ...] = ("relative",)
     min_sigma: float = 0.5
     max_sigma: float | None = None
@@ -115,6 +119,9 @@ def breaches(protocol: Protocol, evidence: Evidence) -> list[str]:
         breach("early_stop", "true", "false")
     if evidence.role == TRAINER and evidence.members < protocol.min_members:
         breach("members", evidence.members, f"at least {protocol.min_members}")
+    if evidence.role == TRAINER and evidence.members_replaced > protocol.max_replaced_fraction * evidence.members:
+        breach("members_replaced", f"{evidence.members_replaced} of {evidence.members}",
+               f"at most {protocol.max_replaced_fraction:g} of the members")
     if protocol.members_learned and not evidence.members_learned:
         who = "the members must beat" if evidence.role == TRAINER else "the model must beat"
         breach("members_learned", "false", f"{who} the majority rate on the evaluation rows")

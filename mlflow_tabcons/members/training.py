@@ -370,6 +370,12 @@ class EnsembleTrainer:
             return None
         return compute_prefix(self._probe(), rows.input_ids, self.depth, device=self.device)
 
+    def predict_validation(self, classifier: TabularClassifier) -> np.ndarray | None:
+        """Class probabilities of the validation rows (None without any), from their frozen-prefix cache."""
+        if self.validation is None or not len(self.validation):
+            return None
+        return self.predict_proba(classifier, self.validation, self._validation_prefix)
+
     @torch.inference_mode()
     def predict_proba(
         self,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from mlflow_tabcons.errors import TabconsInputError, check_array, check_float
+from mlflow_tabcons.errors import TabconsInputError, check_array, check_float, check_int
 
 
 def majority_rate(labels: np.ndarray) -> float:
@@ -24,6 +24,33 @@ def auroc(labels: np.ndarray, probabilities: np.ndarray) -> float:
     if present.size < probabilities.shape[1]:
         return float("nan")
     return float(roc_auc_score(labels, probabilities, multi_class="ovr", average="macro"))
+
+
+def ranking_pvalue(labels: np.ndarray, probabilities: np.ndarray, *, permutations: int = 999, seed: int = 0) -> float:
+    """One-sided permutation p-value that the model ranks the rows no better than chance (AUROC <= 0.5).
+
+    The labels are shuffled ``permutations`` times (a fixed ``seed``, so the same
+    model and rows always give the same answer) and the p-value is the share of
+    shuffles whose AUROC reaches the model's, counting the model's own. Binary
+    and multiclass alike (macro one-vs-rest, as ``auroc``); 1.0 when a class is missing.
+    """
+    from scipy.stats import rankdata
+
+    labels, probabilities = _checked(labels, probabilities)
+    check_int("permutations", permutations, minimum=1, maximum=100_000)
+    classes = [1] if probabilities.shape[1] == 2 else range(probabilities.shape[1])
+    if np.unique(labels).size < max(2, len(classes)):
+        return 1.0
+    shuffled = np.random.default_rng(seed).permuted(np.tile(labels, (permutations + 1, 1)), axis=1)
+    shuffled[0] = labels  # row 0: the labels as they are
+    # AUROC of class c vs rest from ranks (Mann-Whitney): (rank sum of class c - n_c (n_c + 1) / 2) / (n_c (n - n_c))
+    per_class = []
+    for c in classes:
+        count = int(np.sum(labels == c))
+        rank_sums = (shuffled == c) @ rankdata(probabilities[:, c])
+        per_class.append((rank_sums - count * (count + 1) / 2) / (count * (labels.size - count)))
+    aurocs = np.mean(per_class, axis=0)
+    return float((1 + np.sum(aurocs[1:] >= aurocs[0] - 1e-12)) / (permutations + 1))
 
 
 def _checked(labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

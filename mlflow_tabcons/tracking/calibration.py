@@ -199,11 +199,15 @@ def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None)
         started = time.perf_counter()
         # no per-epoch validation: the members are scored on the (validation) calibration rows once trained
         trainer = build_trainer(config, data, device, validate=False)
-        members, probabilities, failed = train_ensemble_members(trainer, data, config, trainer.prefix_for(rows))
+        # without validation rows no member is tested for learning, so none is replaced (members/admission.py)
+        trained = train_ensemble_members(trainer, data, config, trainer.prefix_for(rows))
+        members = trained.members
         if len(members) < 3:
-            raise TabconsInputError(f"calibration needs at least three trained members (a reference and two others); seeds {failed} failed")
+            raise TabconsInputError(
+                f"calibration needs at least three trained members (a reference and two others); seeds {trained.failed} failed"
+            )
         seconds_train = time.perf_counter() - started
-        member_probabilities = np.stack(probabilities)
+        member_probabilities = np.stack(trained.probabilities)
         candidates = sweep_neighbourhoods(members[0], config.train, config.scorer, rows, member_probabilities,
                                           grid.candidates(), device=device)
         chosen = choose_neighbourhood(candidates, grid.objective)

@@ -9,6 +9,7 @@ from typing import Any
 from mlflow_tabcons.data.serialize import NUMBER_STYLES, TEMPLATES
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
 from mlflow_tabcons.flavor.packaged import BACKENDS, check_backend_precision
+from mlflow_tabcons.members.admission import default_replacements
 from mlflow_tabcons.members.checkpoints import DEFAULT_MODEL
 from mlflow_tabcons.members.recipe import RECIPE_MODES, SearchSettings
 from mlflow_tabcons.members.training import TrainSettings
@@ -39,6 +40,9 @@ class TrainingConfig:
     numbers: str = "auto"
     shots: int = 256
     seeds: int = 5
+    # most members that did not learn (validation ranking no better than chance) may be replaced by new seeds;
+    # None: half the ensemble, at least one (members/admission.py); 0: keep every member as trained
+    max_replacements: int | None = None
     eval_rows: int = 100
     model: str = DEFAULT_MODEL
     experiment: str | None = None
@@ -54,6 +58,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         check_int("seeds", self.seeds, minimum=2, maximum=1000)
+        if self.max_replacements is not None:
+            check_int("max_replacements", self.max_replacements, minimum=0, maximum=1000)
         check_int("shots", self.shots, minimum=1)
         check_int("eval_rows", self.eval_rows, minimum=0)
         check_int("split_seed", self.split_seed, minimum=0)
@@ -67,6 +73,11 @@ class TrainingConfig:
         check_backend_precision(self.serve_backend, self.scorer.precision)
         if self.serve_backend == "onnx" and self.scorer.perturb not in INPUT_SITES:
             raise TabconsInputError(f"the ONNX backend perturbs only at {list(INPUT_SITES)}, not perturb={self.scorer.perturb!r}")
+
+    @property
+    def replacements(self) -> int:
+        """How many members that did not learn may be replaced."""
+        return default_replacements(self.seeds) if self.max_replacements is None else self.max_replacements
 
     def params(self) -> dict[str, Any]:
         """Flat parameters for MLflow (nested settings become dotted keys)."""

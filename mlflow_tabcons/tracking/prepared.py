@@ -129,4 +129,6 @@ class TrainingOutcome:
     eval_prefix: list[torch.Tensor] | None  # the frozen layers' output on the evaluation rows, shared by all members
     # whether the members beat the majority class on the evaluation rows (metrics.classification.members_learned)
     members_learned: bool = False
+    # members that ranked the validation rows no better than chance and were replaced (members/admission.py)
+    members_replaced: int = 0
     model_version: Any = None  # the registered reference member (an MLflow ModelVersion), when registered

@@ -87,6 +87,7 @@ def measured_evidence(outcome: TrainingOutcome, config: TrainingConfig) -> dict[
         "precision": scorer.precision,
         "members": len(outcome.members),
         "members_learned": bool(outcome.members_learned),
+        "members_replaced": outcome.members_replaced,
         "eval_digest": eval_digest(outcome.data.eval_frame),
         "accuracy": metrics[f"accuracy_seed_{outcome.members[0].seed}"],
         "arbitrariness": metrics["arbitrariness"],

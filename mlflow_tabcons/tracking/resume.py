@@ -62,9 +62,11 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
 # Settings added after runs were first recorded, with the behaviour those runs had: a run resumed
 # under today's default would mix members trained two ways.
 _SETTINGS_BEFORE_THEY_EXISTED = {"class_prior": "uniform", "tune_class_prior": False}
+_CONFIG_BEFORE_IT_EXISTED = {"max_replacements": 0}
 
 
 def config_from_dict(values: dict[str, Any]) -> TrainingConfig:
+    values = {**_CONFIG_BEFORE_IT_EXISTED, **values}
     train = values.get("train")
     if isinstance(train, dict):
         values = {**values, "train": {**_SETTINGS_BEFORE_THEY_EXISTED, **train}}

@@ -7,10 +7,12 @@ fails only when fewer than two members succeed (no multiplicity to measure).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlflow
@@ -20,6 +22,7 @@ import torch
 
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.evaluation.classical import classical_baselines
+from mlflow_tabcons.members.admission import Admission, admit
 from mlflow_tabcons.members.checkpoints import resolve_model_path
 from mlflow_tabcons.members.classifier import BaseModel, load_base_model
 from mlflow_tabcons.members.training import EnsembleTrainer, Member, TrainSettings
@@ -39,6 +42,22 @@ logger = logging.getLogger(__name__)
 
 ROWS_ARTIFACT = "tabcons/rows.json"
 LEARNED_TAG = "tabcons.members_learned"
+REPLACED_TAG = "tabcons.replaced_seeds"  # seeds that did not learn and were replaced (members/admission.py)
+REPLACED_MEMBER_TAG = "tabcons.replaced"  # on a member's own run: true when it was replaced
+
+
+@dataclass
+class TrainedMembers:
+    """The ensemble as trained: members in seed order with their evaluation probabilities, and what fell out.
+
+    ``failed``: seeds whose training raised; ``replaced``: seeds that ranked the
+    validation rows no better than chance and were replaced (members/admission.py).
+    """
+
+    members: list[Member] = field(default_factory=list)
+    probabilities: list[np.ndarray] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    replaced: list[int] = field(default_factory=list)
 
 
 def train_ensemble_members(
@@ -47,52 +66,100 @@ def train_ensemble_members(
     config: TrainingConfig,
     eval_prefix: list[torch.Tensor] | None,
     finished: Mapping[int, Member] | None = None,
-) -> tuple[list[Member], list[np.ndarray], list[int]]:
-    """Train every seed in its own child run; return the members, their eval probabilities, failed seeds.
+) -> TrainedMembers:
+    """Train seeds 0 .. seeds - 1, each in its own child run, replacing members that did not learn.
 
-    Seeds in ``finished`` (members reloaded by a resume) are reused, not retrained.
+    A member that ranks the validation rows no better than chance is replaced by
+    one trained with the next unused seed (seeds, seeds + 1, ...) while
+    ``config.replacements`` allows; after that it is kept, and the stated test
+    on the evaluation rows judges the ensemble. Seeds in ``finished`` (members
+    reloaded by a resume) are reused, not retrained, and tested again the same way.
     """
-    members, probabilities, failed = [], [], []
+    trained = TrainedMembers()
+    finished = finished or {}
+    spare_seeds = itertools.count(config.seeds)
+    for seed in range(config.seeds):
+        while True:
+            replaceable = len(trained.replaced) < config.replacements
+            result = _reloaded_member(trainer, data, eval_prefix, finished[seed]) if seed in finished else _new_member(
+                trainer, data, config, eval_prefix, seed, replaceable=replaceable
+            )
+            if result is None:
+                trained.failed.append(seed)
+                break
+            member, probabilities, admission = result
+            if admission.admitted or not replaceable:
+                trained.members.append(member)
+                trained.probabilities.append(probabilities)
+                break
+            trained.replaced.append(seed)
+            replacement = next(spare_seeds)
+            logger.warning(
+                "member seed=%d ranks the validation rows no better than chance (AUROC %.3f, permutation p = %.3f): "
+                "replaced by seed %d (%d of at most %d replacements)",
+                seed, admission.validation_auroc, admission.pvalue, replacement, len(trained.replaced), config.replacements,
+            )
+            seed = replacement
+    return trained
+
+
+def _reloaded_member(
+    trainer: EnsembleTrainer, data: PreparedData, eval_prefix: list[torch.Tensor] | None, member: Member
+) -> tuple[Member, np.ndarray, Admission]:
+    return member, trainer.predict_proba(member.classifier, data.evaluation, eval_prefix), _admission(trainer, member)
+
+
+def _admission(trainer: EnsembleTrainer, member: Member) -> Admission:
+    """The admission test on the trainer's validation rows (members/admission.py)."""
+    probabilities = trainer.predict_validation(member.classifier)
+    return admit(None if probabilities is None else trainer.validation.labels, probabilities)
+
+
+def _new_member(
+    trainer: EnsembleTrainer, data: PreparedData, config: TrainingConfig, eval_prefix: list[torch.Tensor] | None,
+    seed: int, *, replaceable: bool,
+) -> tuple[Member, np.ndarray, Admission] | None:
+    """Train seed ``seed`` in its own child run; None when training fails (the child run is marked FAILED).
+
+    The child run is tagged ``tabcons.replaced=true`` when the member did not learn and ``replaceable`` lets it go.
+    """
     labels = data.evaluation.labels
     baseline = majority_rate(labels)
-    finished = finished or {}
-    experiment_id = mlflow.active_run().info.experiment_id
-    for seed in range(config.seeds):
-        if seed in finished:
-            members.append(finished[seed])
-            probabilities.append(trainer.predict_proba(finished[seed].classifier, data.evaluation, eval_prefix))
-            continue
-        try:
-            with mlflow.start_run(run_name=f"seed-{seed}", nested=True, experiment_id=experiment_id):
-                mlflow.set_tag("tabcons.role", "member")
-                mlflow.log_params({"seed": seed, **{k: v for k, v in config.params().items() if k.startswith("train.")}})
-                member = trainer.train_member(
-                    seed, on_epoch=lambda record: mlflow.log_metrics(
-                        {k: v for k, v in record.items() if k != "epoch" and np.isfinite(v)}, step=int(record["epoch"])
-                    )
+    try:
+        with mlflow.start_run(run_name=f"seed-{seed}", nested=True, experiment_id=mlflow.active_run().info.experiment_id):
+            mlflow.set_tag("tabcons.role", "member")
+            mlflow.log_params({"seed": seed, **{k: v for k, v in config.params().items() if k.startswith("train.")}})
+            member = trainer.train_member(
+                seed, on_epoch=lambda record: mlflow.log_metrics(
+                    {k: v for k, v in record.items() if k != "epoch" and np.isfinite(v)}, step=int(record["epoch"])
                 )
-                member_probabilities = trainer.predict_proba(member.classifier, data.evaluation, eval_prefix)
-                scores = classification_scores(labels, member_probabilities)
-                learned = scores["accuracy"] > baseline
-                mlflow.log_metrics({**{k: v for k, v in scores.items() if np.isfinite(v)}, "majority_rate": baseline,
-                                    "class_prior": member.class_prior})
-                mlflow.set_tag("tabcons.beats_majority", str(learned).lower())
-                resume.log_member(member)
-                if not learned:
-                    message = (
-                        f"member seed={seed} does no better than the majority class "
-                        f"(accuracy {scores['accuracy']:.3f} <= majority rate {baseline:.3f}): "
-                        "its disagreements are not evidence of multiplicity; try more shots, epochs or a higher learning rate"
-                    )
-                    logger.warning(message)
-        except Exception as error:  # one bad member must not take the ensemble down
-            logger.exception("member seed=%d failed", seed)
-            failed.append(seed)
-            _tag_failed_child(seed, error)
-            continue
-        members.append(member)
-        probabilities.append(member_probabilities)
-    return members, probabilities, failed
+            )
+            admission = _admission(trainer, member)
+            member_probabilities = trainer.predict_proba(member.classifier, data.evaluation, eval_prefix)
+            scores = classification_scores(labels, member_probabilities)
+            learned = scores["accuracy"] > baseline
+            mlflow.log_metrics({
+                **{k: v for k, v in scores.items() if np.isfinite(v)}, "majority_rate": baseline, "class_prior": member.class_prior,
+                **({"validation_ranking_pvalue": admission.pvalue} if np.isfinite(admission.pvalue) else {}),
+            })
+            replaced = replaceable and not admission.admitted
+            mlflow.set_tags({
+                "tabcons.beats_majority": str(learned).lower(),
+                "tabcons.learned_on_validation": str(admission.admitted).lower(),
+                REPLACED_MEMBER_TAG: str(replaced).lower(),
+            })
+            resume.log_member(member)
+            if not learned and not replaced:
+                logger.warning(
+                    "member seed=%d does no better than the majority class (accuracy %.3f <= majority rate %.3f): "
+                    "its disagreements are not evidence of multiplicity; try more shots, epochs or a higher learning rate",
+                    seed, scores["accuracy"], baseline,
+                )
+    except Exception as error:  # one bad member must not take the ensemble down
+        logger.exception("member seed=%d failed", seed)
+        _tag_failed_child(seed, error)
+        return None
+    return member, member_probabilities, admission
 
 
 def reference_backend(reference: Member, train: TrainSettings, scorer: ScorerSettings, device: str) -> TorchBackend:
@@ -263,13 +330,17 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
         eval_prefix = trainer.prefix_for(data.evaluation)
         finished = resume.reopen_children(reopened, trainer).members if reopened else {}
         started = time.perf_counter()
-        members, probabilities, failed = train_ensemble_members(trainer, data, config, eval_prefix, finished)
+        trained = train_ensemble_members(trainer, data, config, eval_prefix, finished)
+        members = trained.members
         seconds_train = time.perf_counter() - started
-        mlflow.log_metrics({"members_succeeded": len(members), "members_failed": len(failed), "members_reloaded": len(finished)})
+        mlflow.log_metrics({"members_succeeded": len(members), "members_failed": len(trained.failed),
+                            "members_reloaded": len(finished), "members_replaced": len(trained.replaced)})
         mlflow.set_tag("tabcons.members", f"{len(members)} of {config.seeds} succeeded")
+        if trained.replaced:
+            mlflow.set_tag(REPLACED_TAG, ",".join(map(str, trained.replaced)))
         if len(members) < 2:
             raise TabconsInputError(
-                f"only {len(members)} of {config.seeds} members trained (failed seeds: {failed}); "
+                f"only {len(members)} of {config.seeds} members trained (failed seeds: {trained.failed}); "
                 "multiplicity needs at least two: see the failed child runs' tabcons.error tags"
             )
         reference = members[0]
@@ -278,7 +349,7 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
         started = time.perf_counter()
         scores = scorer.score(data.evaluation.input_ids, value_masks=data.evaluation.value_masks, progress=True)
         seconds_score = time.perf_counter() - started
-        member_probabilities = np.stack(probabilities)
+        member_probabilities = np.stack(trained.probabilities)
         metrics = ensemble_metrics(data.evaluation.labels, members, member_probabilities, scores)
         metrics.update(seconds_train=seconds_train, seconds_score=seconds_score)  # the cost the score replaces, and its own
         metrics.update(baseline_metrics(data))
@@ -291,7 +362,7 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
         mlflow.log_figure(consistency_histogram(scores.consistency, scores.certified, config.scorer.tau), "tabcons/consistency_histogram.png")
         outcome = TrainingOutcome(
             parent.info.run_id, data, trainer, members, member_probabilities, scores, metrics, rows, eval_prefix,
-            members_learned=learned,
+            members_learned=learned, members_replaced=len(trained.replaced),
         )
         if config.register:
             outcome.model_version = register_reference(outcome, config)

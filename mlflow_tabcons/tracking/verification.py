@@ -120,7 +120,7 @@ def verify_version(name: str, version: str, holdout: str | Path, *, target: str 
         run_id=model_version.run_id, role=VERIFIER, n_eval=len(frame), k=settings.k, sigma=settings.sigma,
         sigma_mode=settings.sigma_mode, alpha=settings.alpha, tau=settings.tau, bound=settings.bound,
         variance_bound=settings.variance_bound, noise=settings.noise, perturb=settings.perturb, early_stop=bool(settings.early_stop),
-        score_seed=settings.seed, precision=settings.precision, members=1, arbitrariness=None,
+        score_seed=settings.seed, precision=settings.precision, members=1, members_replaced=0, arbitrariness=None,
         eval_digest="sha256:" + hashlib.sha256(raw).hexdigest(), model_sha256=digest,
         training={"holdout": holdout.name}, created_at=time.time(), **measured,
     )
