@@ -377,8 +377,9 @@ def build_classifier(
 
     LoRA wraps peft's default modules for the model type unless ``lora`` names
     others, on the top ``lora.layers`` layers of whichever stack the
-    architecture has. A verbalizer head starts as (and stays) the language
-    model's rows for ``answer_ids``; a linear head starts seeded at random.
+    architecture has. A verbalizer head starts as the language model's rows
+    for ``answer_ids`` and trains like any head (kept frozen, SmolLM2 members
+    never learned credit-g, docs/models.md); a linear head starts seeded at random.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -408,7 +409,6 @@ def build_classifier(
         with torch.no_grad():
             classifier.head.weight.copy_(weight)
             classifier.head.bias.copy_(bias)
-        classifier.head.requires_grad_(False)
     return classifier
 
 

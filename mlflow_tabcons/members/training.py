@@ -311,7 +311,7 @@ class EnsembleTrainer:
         torch.manual_seed(seed)
         rows = self._member_rows(rng)
         adapter = [p for n, p in classifier.named_parameters() if p.requires_grad and not n.startswith("head.")]
-        head = [p for p in classifier.head.parameters() if p.requires_grad]  # none for the verbalizer
+        head = [p for p in classifier.head.parameters() if p.requires_grad]
         groups = [{"params": adapter, "lr": settings.learning_rate}, {"params": head, "lr": settings.head_learning_rate}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=settings.weight_decay)
         steps = settings.epochs * math.ceil(len(rows) / settings.batch_size)

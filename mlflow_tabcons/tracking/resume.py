@@ -184,7 +184,7 @@ def finished_member_runs(children: list[Run]) -> dict[int, Run]:
 
 
 def _changed(name: str, parameter: torch.nn.Parameter) -> bool:
-    """What training changes: the trained weights, and the head (a verbalizer's frozen bias takes the class prior)."""
+    """What training changes: the trained weights, and the head (whose bias takes the class prior after training)."""
     return parameter.requires_grad or name.startswith("head.")
 
 
