@@ -6,9 +6,10 @@ verifier measured it on a holdout (`tabcons verify`). The value is a JSON payloa
 plus an HMAC-SHA256 over it with the role's key (see ``keys``): anyone can read
 the tag, only a key holder can write one the gate accepts. The payload records
 everything that decides what "certified" meant (tau, alpha, bound, variance
-bound, k, sigma, noise, perturbation site, early stop, seed, precision, rows, members, replaced members) so the
-policy's protocol can be checked against it, and the sha256 of the model's
-files, so the numbers stay bound to the content they were measured on.
+bound, k, sigma, noise, perturbation site, early stop, seed, precision, rows,
+members and how many were replaced) so the policy's protocol can be checked
+against it, and the sha256 of the model's files, so the numbers stay bound to
+the content they were measured on.
 """
 
 from __future__ import annotations
