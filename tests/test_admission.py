@@ -13,6 +13,7 @@ from scipy.stats import binom
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members import admission
+from mlflow_tabcons.members.training import EnsembleTrainer
 from mlflow_tabcons.metrics.classification import auroc, ranking_pvalue
 from mlflow_tabcons.tracking import training_job
 from mlflow_tabcons.tracking.config import TrainingConfig
@@ -67,15 +68,14 @@ def test_admission_without_validation_rows_admits_and_the_default_cap_is_half_th
         TrainingConfig(max_replacements=-1)
 
 
-def _refusing(positions: set[int], calls: list[float]):
-    """An admission test that fails the members trained in ``positions`` (0: the first one trained) and passes the rest."""
+def _refusing(seeds: set[int]):
+    """An admission test that fails the members of ``seeds`` and passes the rest (``training_job._admission``)."""
 
-    def admit(labels, probabilities, level=admission.ADMISSION_LEVEL):
-        calls.append(auroc(labels, probabilities))
-        failed = len(calls) - 1 in positions
-        return admission.Admission(not failed, calls[-1], 1.0 if failed else 0.001)
+    def admission_of(trainer, member):
+        failed = member.seed in seeds
+        return admission.Admission(not failed, 0.5 if failed else 0.8, 1.0 if failed else 0.001)
 
-    return admit
+    return admission_of
 
 
 def _runs():
@@ -89,8 +89,7 @@ def _runs():
 def test_a_member_that_did_not_learn_is_replaced_by_the_next_seed_and_the_evidence_says_so(
     tracking_uri, tiny_model_dir, monkeypatch
 ):
-    calls: list[float] = []
-    monkeypatch.setattr(training_job, "admit", _refusing({1}, calls))  # the second member trained (seed 1) fails
+    monkeypatch.setattr(training_job, "_admission", _refusing({1}))
     result = CliRunner().invoke(cli, ["train", "--model", tiny_model_dir, *FAST, "--seeds", "3", "--register", "weak"])
     assert result.exit_code == 0, result.output
     parent, children = _runs()
@@ -106,8 +105,7 @@ def test_a_member_that_did_not_learn_is_replaced_by_the_next_seed_and_the_eviden
 
 
 def test_replacements_stop_at_the_cap_and_zero_keeps_every_member(tracking_uri, tiny_model_dir, monkeypatch):
-    calls: list[float] = []
-    monkeypatch.setattr(training_job, "admit", _refusing({0, 1, 2, 3, 4}, calls))  # nothing passes
+    monkeypatch.setattr(training_job, "_admission", _refusing({0, 1, 2, 3, 4}))  # nothing passes
     args = ["train", "--model", tiny_model_dir, *FAST, "--register", "none"]
     assert CliRunner().invoke(cli, [*args, "--seeds", "2"]).exit_code == 0
     parent, children = _runs()
@@ -119,8 +117,35 @@ def test_replacements_stop_at_the_cap_and_zero_keeps_every_member(tracking_uri, 
     mlflow.delete_run(parent.info.run_id)
     for child in children.values():
         mlflow.delete_run(child.info.run_id)
-    calls.clear()
     assert CliRunner().invoke(cli, [*args, "--seeds", "2", "--max-replacements", "0"]).exit_code == 0
     parent, children = _runs()
     assert sorted(children) == [0, 1] and parent.data.metrics["members_replaced"] == 0
     assert "tabcons.replaced_seeds" not in parent.data.tags
+
+
+def test_a_resumed_run_replaces_the_same_seeds_and_reuses_the_replacement(tracking_uri, tiny_model_dir, monkeypatch):
+    original = EnsembleTrainer.train_member
+    trained: list[int] = []
+    faulty = {2}
+
+    def flaky(self, seed, **kwargs):
+        trained.append(seed)
+        if seed in faulty:
+            raise RuntimeError(f"simulated fault in seed {seed}")
+        return original(self, seed, **kwargs)
+
+    monkeypatch.setattr(EnsembleTrainer, "train_member", flaky)
+    monkeypatch.setattr(training_job, "_admission", _refusing({1}))
+    first = CliRunner().invoke(cli, ["train", "--model", tiny_model_dir, *FAST, "--seeds", "3", "--register", "none"])
+    assert first.exit_code == 0, first.output
+    assert trained == [0, 1, 3, 2]  # seed 1 replaced by seed 3; seed 2 failed
+    parent, _ = _runs()
+    trained.clear()
+    faulty.clear()
+    resumed = CliRunner().invoke(cli, ["train", "--resume", parent.info.run_id])
+    assert resumed.exit_code == 0, resumed.output
+    assert trained == [2]  # seeds 0, 1 and 3 reloaded; 1 tested again and replaced again, by the same seed 3
+    parent = mlflow.get_run(parent.info.run_id)
+    assert parent.data.metrics["members_replaced"] == 1 and parent.data.metrics["members_reloaded"] == 3
+    rows = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
+    assert {c for c in rows.columns if c.startswith("probability_seed_")} == {f"probability_seed_{s}" for s in (0, 2, 3)}
