@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from scipy.stats import binom
+from training_faults import flaky_training
 
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members import admission
-from mlflow_tabcons.members.training import EnsembleTrainer
 from mlflow_tabcons.metrics.classification import auroc, ranking_pvalue
 from mlflow_tabcons.tracking import training_job
 from mlflow_tabcons.tracking.config import TrainingConfig
@@ -124,17 +124,8 @@ def test_replacements_stop_at_the_cap_and_zero_keeps_every_member(tracking_uri, 
 
 
 def test_a_resumed_run_replaces_the_same_seeds_and_reuses_the_replacement(tracking_uri, tiny_model_dir, monkeypatch):
-    original = EnsembleTrainer.train_member
-    trained: list[int] = []
     faulty = {2}
-
-    def flaky(self, seed, **kwargs):
-        trained.append(seed)
-        if seed in faulty:
-            raise RuntimeError(f"simulated fault in seed {seed}")
-        return original(self, seed, **kwargs)
-
-    monkeypatch.setattr(EnsembleTrainer, "train_member", flaky)
+    trained = flaky_training(monkeypatch, faulty)
     monkeypatch.setattr(training_job, "_admission", _refusing({1}))
     first = CliRunner().invoke(cli, ["train", "--model", tiny_model_dir, *FAST, "--seeds", "3", "--register", "none"])
     assert first.exit_code == 0, first.output

@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from training_faults import flaky_training
 
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.members.training import EnsembleTrainer
@@ -77,17 +78,8 @@ def test_each_member_logs_weights_that_reload_to_the_same_probabilities(tracking
 @pytest.mark.parametrize("faults, parent_status", [({1, 2}, "FAILED"), ({1}, "FINISHED")])
 def test_resume_after_members_raised_trains_only_the_failed_seeds(tracking_uri, tiny_model_dir, monkeypatch,
                                                                   faults, parent_status):
-    original = EnsembleTrainer.train_member
-    trained: list[int] = []
     faulty = set(faults)
-
-    def flaky(self, seed, **kwargs):
-        trained.append(seed)
-        if seed in faulty:
-            raise RuntimeError(f"simulated fault in seed {seed}")
-        return original(self, seed, **kwargs)
-
-    monkeypatch.setattr(EnsembleTrainer, "train_member", flaky)
+    trained = flaky_training(monkeypatch, faulty)
     first = _train(tiny_model_dir, "--seeds", "3")
     assert (first.exit_code == 0) == (parent_status == "FINISHED"), first.output
     parent = _parent()
