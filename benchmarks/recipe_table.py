@@ -130,14 +130,8 @@ def merge(result: dict[str, Any], out: Path) -> dict[str, Any]:
     return payload
 
 
-def _seeds(result: dict[str, Any]) -> str:
-    return f" ({', '.join(map(str, result['member_seeds']))})" if "member_seeds" in result else ""
-
-
 def _replaced(result: dict[str, Any]) -> str:
-    """The seeds that did not learn on the validation rows and were replaced; runs from before the rule: not recorded."""
-    if "replaced_seeds" not in result:
-        return "not recorded"
+    """The seeds that did not learn on the validation rows and were replaced."""
     return ", ".join(map(str, result["replaced_seeds"])) or "none"
 
 
@@ -154,7 +148,8 @@ def markdown(payload: dict[str, Any]) -> str:
     ]
     for r in payload["tables"].values():
         lines.append(
-            f"| {r['table']} | {' / '.join(f'{a:.3f}' for a in r['member_accuracy'])}{_seeds(r)} | {_replaced(r)} | {r['majority_rate']:.3f} | "
+            f"| {r['table']} | {' / '.join(f'{a:.3f}' for a in r['member_accuracy'])} "
+            f"({', '.join(map(str, r['member_seeds']))}) | {_replaced(r)} | {r['majority_rate']:.3f} | "
             f"{r['logistic_accuracy']:.3f} ({r['logistic_auroc']:.3f}) | {r['boosting_accuracy']:.3f} ({r['boosting_auroc']:.3f}) | "
             f"{'yes' if r['members_learned'] else 'no'} | {'yes' if r['every_member_beats_majority'] else 'no'} | "
             f"{'yes' if r['half_of_logistic_margin'] else 'no'} | {r['seconds_recipe_search']:.0f} | {r['seconds_members']:.0f} |"

@@ -81,14 +81,15 @@ def train_ensemble_members(
     for seed in range(config.seeds):
         while True:
             replaceable = len(trained.replaced) < config.replacements
-            result = _reloaded_member(trainer, data, eval_prefix, finished[seed]) if seed in finished else _new_member(
-                trainer, data, config, eval_prefix, seed, replaceable=replaceable
+            result = (
+                _reloaded_member(trainer, data, eval_prefix, finished[seed], replaceable=replaceable) if seed in finished
+                else _new_member(trainer, data, config, eval_prefix, seed, replaceable=replaceable)
             )
             if result is None:
                 trained.failed.append(seed)
                 break
             member, probabilities, admission = result
-            if admission.admitted or not replaceable:
+            if not _is_replaced(admission, replaceable):
                 trained.members.append(member)
                 trained.probabilities.append(probabilities)
                 break
@@ -103,10 +104,20 @@ def train_ensemble_members(
     return trained
 
 
+def _is_replaced(admission: Admission, replaceable: bool) -> bool:
+    """A member that did not learn goes while replacements are left; after that it stays."""
+    return replaceable and not admission.admitted
+
+
 def _reloaded_member(
-    trainer: EnsembleTrainer, data: PreparedData, eval_prefix: list[torch.Tensor] | None, member: Member
-) -> tuple[Member, np.ndarray, Admission]:
-    return member, trainer.predict_proba(member.classifier, data.evaluation, eval_prefix), _admission(trainer, member)
+    trainer: EnsembleTrainer, data: PreparedData, eval_prefix: list[torch.Tensor] | None, member: Member, *,
+    replaceable: bool,
+) -> tuple[Member, np.ndarray | None, Admission]:
+    """A member reloaded by a resume, tested again; its evaluation probabilities only when it stays."""
+    admission = _admission(trainer, member)
+    if _is_replaced(admission, replaceable):
+        return member, None, admission
+    return member, trainer.predict_proba(member.classifier, data.evaluation, eval_prefix), admission
 
 
 def _admission(trainer: EnsembleTrainer, member: Member) -> Admission:
@@ -142,7 +153,7 @@ def _new_member(
                 **{k: v for k, v in scores.items() if np.isfinite(v)}, "majority_rate": baseline, "class_prior": member.class_prior,
                 **({"validation_ranking_pvalue": admission.pvalue} if np.isfinite(admission.pvalue) else {}),
             })
-            replaced = replaceable and not admission.admitted
+            replaced = _is_replaced(admission, replaceable)
             mlflow.set_tags({
                 "tabcons.beats_majority": str(learned).lower(),
                 "tabcons.learned_on_validation": str(admission.admitted).lower(),
