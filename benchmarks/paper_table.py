@@ -171,10 +171,11 @@ def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:
                      f"{calibration['chosen_by']}.\n\n" + ablation_table(calibration["candidates"], calibration))
     if payload.get("not_run"):
         lines.append("Asked for but not measured (the run stopped first): " + ", ".join(payload["not_run"]) + ".")
-    loads = payload.get("load_averages") or [float("nan")]
+    loads = payload.get("load_averages")
+    load = (f"1-minute load average {min(loads):.1f}-{max(loads):.1f} after each configuration (above "
+            f"{payload['machine']['cores']}: other jobs shared the cores)" if loads else "load average not recorded")
     lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min on {payload['machine']['cores']} CPU cores "
-                 f"({payload['machine']['cpu']}), {payload['machine']['torch_threads']} torch thread(s); 1-minute load average "
-                 f"{min(loads):.1f}-{max(loads):.1f} after each configuration (above {payload['machine']['cores']}: other jobs shared the cores).")
+                 f"({payload['machine']['cpu']}), {payload['machine']['torch_threads']} torch thread(s); {load}.")
     (out_dir / f"{name}.md").write_text("\n\n".join(lines) + "\n")
 
 

@@ -140,3 +140,10 @@ def test_a_resumed_run_replaces_the_same_seeds_and_reuses_the_replacement(tracki
     assert parent.data.metrics["members_replaced"] == 1 and parent.data.metrics["members_reloaded"] == 3
     rows = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
     assert {c for c in rows.columns if c.startswith("probability_seed_")} == {f"probability_seed_{s}" for s in (0, 2, 3)}
+
+
+@pytest.mark.parametrize(("value", "message"), [("two", "'two' is not a whole number"), ("-1", "-1 is negative")])
+def test_a_bad_replacement_cap_is_refused_by_name_before_training(value, message, tracking_uri):
+    result = CliRunner().invoke(cli, ["train", "--max-replacements", value, "--register", "none"])
+    assert result.exit_code == 2 and "--max-replacements" in result.output and message in result.output
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

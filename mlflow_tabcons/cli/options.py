@@ -45,6 +45,20 @@ def blank_is_none(_ctx: click.Context, _param: click.Parameter, value: Any) -> A
     return None if value in ("", "none", "None") else value
 
 
+def blank_or_count(ctx: click.Context, param: click.Parameter, value: Any) -> int | None:
+    """A whole number >= 0, or None where MLproject passes an empty string for an unset parameter."""
+    value = blank_is_none(ctx, param, value)
+    if value is None:
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a whole number") from None
+    if count < 0:
+        raise click.BadParameter(f"{count} is negative")
+    return count
+
+
 class ClassPrior(click.ParamType):
     """``data``, ``uniform`` or a weight in [0, 1], as the weight TrainSettings keeps."""
 
@@ -78,7 +92,7 @@ data_options = _stack(
 
 training_options = _stack(
     click.option("--seeds", type=int, default=_DEFAULT_CONFIG.seeds, show_default=True, help="Ensemble members (>= 2)."),
-    click.option("--max-replacements", type=int, default=None,
+    click.option("--max-replacements", default=None, callback=blank_or_count,
                  help="Most members that rank the validation rows no better than chance may be replaced by one "
                       "trained with a new seed (0: keep every member as trained).  [default: half the members, at least 1]"),
     click.option("--recipe", type=click.Choice(RECIPE_MODES), default=_DEFAULT_CONFIG.recipe, show_default=True,
