@@ -35,6 +35,7 @@ REQUIRED_KEYS = {
     "certified_agreement_ci", "certified_agreement_matched_confidence", "certified_agreement_matched_confidence_ci",
     "certified_agreement_matched_dropout", "certified_agreement_matched_dropout_ci", "certified_overlap_matched_confidence",
     "partial_spearman_pr_given_confidence", "partial_spearman_pr_given_confidence_ci", "spearman_consistency_confidence",
+    "spearman_consistency_confidence_ci",
 }
 QUALITY_KEYS = {"spearman_pv", "spearman_pv_ci", "spearman_pr", "spearman_pr_ci", "auroc_agree", "auroc_agree_ci"}
 
@@ -151,7 +152,7 @@ def _result(**overrides):
               "measures": {"consistency": quality, "confidence": quality, "dropout": quality},
               "comparisons": {"consistency_minus_confidence": difference, "consistency_minus_dropout": difference},
               "partial_spearman_pr_given_confidence": -0.2, "partial_spearman_pr_given_confidence_ci": [-0.3, -0.1],
-              "spearman_consistency_confidence": 0.8, "certified_fraction": 0.4, "certified_fraction_interval": [0.33, 0.47],
+              "spearman_consistency_confidence": 0.8, "spearman_consistency_confidence_ci": [0.7, 0.9], "certified_fraction": 0.4, "certified_fraction_interval": [0.33, 0.47],
               "certified_agreement": 0.97, "certified_agreement_ci": [0.95, 0.99],
               "certified_agreement_matched_confidence": 0.96, "certified_agreement_matched_confidence_ci": [0.94, 0.98],
               "certified_agreement_matched_dropout": 0.9, "certified_agreement_matched_dropout_ci": [0.85, 0.95],
@@ -168,6 +169,7 @@ def test_markdown_table_shows_intervals_and_marks_rows_without_evidence():
     assert "| 64 | empirical-bernstein | 0.5 | 0.72 / 0.65 |" in lines[2]  # results written before bound and tau existed
     assert "| 64 | betting | 0.75 | 0.72 / 0.65 |" in lines[7]
     assert "| -0.12 [-0.20, -0.04] |" in lines[2]  # the paired difference with its interval
+    assert "| -0.20 [-0.30, -0.10] | 0.80 [0.70, 0.90] |" in lines[2]  # partial rho and rho(S,conf), with intervals
     assert "| 0.970 [0.950, 0.990] | 0.960 [0.940, 0.980] | 0.900 [0.850, 0.950] | 0.70 |" in lines[2]
     assert "| 0.40 [0.33, 0.47] |" in lines[2] and lines[2].endswith("| yes |")
     assert "do not beat the majority class" in lines[3]

@@ -123,6 +123,22 @@ def test_assess_measures_needs_consistency_and_confidence():
         assess_measures({"consistency": np.zeros(50)}, ground_truth(members), np.zeros(50, dtype=bool))
 
 
+def test_the_spearman_of_s_with_the_confidence_comes_with_an_interval_that_narrows_with_more_rows():
+    widths = []
+    for n in (60, 600):
+        members, _ = _ensemble(n=n)
+        rng = np.random.default_rng(2)
+        confidence = members[0].max(axis=1)
+        consistency = confidence + rng.normal(0, 0.05, size=n)  # S restating the confidence, with noise
+        out = assess_measures({"consistency": consistency, "confidence": confidence}, ground_truth(members),
+                              np.zeros(n, dtype=bool), resamples=400)
+        rho, (low, high) = out["spearman_consistency_confidence"], out["spearman_consistency_confidence_ci"]
+        assert rho == pytest.approx(stats.spearmanr(consistency, confidence).statistic)
+        assert low < rho < high <= 1.0
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+
+
 def _candidate(difference, certified, agree, matched, high=None):
     return {"comparisons": {"consistency_minus_confidence": {"spearman_pr": difference,
                                                              "spearman_pr_ci": [difference - 0.05, difference + 0.05 if high is None else high]}},

@@ -212,7 +212,7 @@ def assess_measures(
 
     - ``measures``: each measure's Spearman with PV and PR and AUROC for "all others agree", with intervals;
     - ``comparisons``: ``consistency_minus_<baseline>`` with paired intervals;
-    - ``partial_spearman_pr`` of S given confidence, and ``spearman_consistency_confidence``;
+    - ``partial_spearman_pr`` of S given confidence, and ``spearman_consistency_confidence`` (with its interval);
     - the certificate against the matched baseline sets (``matched_certificate_check``).
     """
     missing = [name for name in ("consistency", "confidence") if name not in measures]
@@ -222,12 +222,16 @@ def assess_measures(
     consistency = np.asarray(measures["consistency"], dtype=float)
     baselines = {name: np.asarray(values, dtype=float) for name, values in measures.items() if name != "consistency"}
     partial = partial_spearman(consistency, truth, baselines["confidence"], indices)
+    # how much S only restates the confidence; with its interval, since a few hundred rows leave it uncertain
+    redundancy = _estimate(intervals.spearman_along(
+        intervals.resampled(consistency, indices), intervals.resampled(baselines["confidence"], indices)), "rho")
     return {
         "measures": {name: quality_with_intervals(np.asarray(values, dtype=float), truth, indices) for name, values in measures.items()},
         "comparisons": {f"consistency_minus_{name}": paired_difference(consistency, values, truth, indices) for name, values in baselines.items()},
         "partial_spearman_pr_given_confidence": partial["partial_spearman_pr"],
         "partial_spearman_pr_given_confidence_ci": partial["partial_spearman_pr_ci"],
-        "spearman_consistency_confidence": spearman(consistency, baselines["confidence"]),
+        "spearman_consistency_confidence": redundancy["rho"],
+        "spearman_consistency_confidence_ci": redundancy["rho_ci"],
         **matched_certificate_check(certified, truth, baselines, indices),
         "bootstrap_resamples": resamples,
     }
@@ -330,7 +334,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             _with_ci(comparisons["consistency_minus_dropout"], "spearman_pr") if "consistency_minus_dropout" in comparisons else "n/a",
             _with_ci(quality["consistency"], "auroc_agree"), _with_ci(quality["confidence"], "auroc_agree"),
             _with_ci(comparisons["consistency_minus_confidence"], "auroc_agree"),
-            _with_ci(result, "partial_spearman_pr_given_confidence"), _cell(result["spearman_consistency_confidence"], 3),
+            _with_ci(result, "partial_spearman_pr_given_confidence"), _with_ci(result, "spearman_consistency_confidence"),
             f"{_cell(result['certified_fraction'])} [{_cell(fraction_low)}, {_cell(fraction_high)}]",
             _with_ci(result, "certified_agreement", 3), _with_ci(result, "certified_agreement_matched_confidence", 3),
             _with_ci(result, "certified_agreement_matched_dropout", 3) if "certified_agreement_matched_dropout" in result else "n/a",
