@@ -58,6 +58,7 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     assert len(trials) == metrics["recipe_trials"] == 7 and set(trials["numbers"]) == {"plain", "words"}
     chosen = parent.data.params
     assert chosen["recipe.numbers"] in ("plain", "words") and int(chosen["recipe.train.epochs"]) == 1
+    assert parent.data.params["serialized_numbers"] == chosen["recipe.numbers"]
     assert {child.data.params["train.learning_rate"] for child in children} == {chosen["recipe.train.learning_rate"]}
     table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])
     assert len(table) == 20
@@ -79,6 +80,7 @@ def test_a_fixed_recipe_trains_every_member_as_configured(tracking_uri, tiny_mod
     assert result.exit_code == 0, result.output
     parent = next(r for r in _runs() if r.data.tags.get("tabcons.role") == "ensemble")
     assert not any(key.startswith("recipe.") for key in parent.data.params) and "recipe_trials" not in parent.data.metrics
+    assert parent.data.params["serialized_numbers"] == "words"
     children = [r for r in _runs() if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert {child.data.params["train.learning_rate"] for child in children} == {"0.002"}
     table = mlflow.load_table("tabcons/rows.json", run_ids=[parent.info.run_id])

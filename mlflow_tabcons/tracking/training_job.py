@@ -273,8 +273,11 @@ def build_trainer(
 
 
 def member_description(trainer: EnsembleTrainer, data: PreparedData) -> dict[str, Any]:
-    """What kind of members these are: family, head, answer cue and words (docs/models.md)."""
-    described: dict[str, Any] = {"model_family": data.family, "head": trainer.head}
+    """What kind of members these are: family, head, how the rows' numbers read, answer cue and words (docs/models.md).
+
+    ``serialized_numbers`` is the number style the rows were written in, also where ``numbers`` is ``auto``.
+    """
+    described: dict[str, Any] = {"model_family": data.family, "head": trainer.head, "serialized_numbers": data.numbers}
     if trainer.head == "verbalizer":
         described["answer_cue"] = data.serializer.answer_cue
         described["answer_words"] = ",".join(f"{label}={word}" for label, word in zip(data.dataset.labels, data.dataset.label_words))
