@@ -12,6 +12,7 @@ from scipy.stats import binom
 from training_faults import flaky_training
 
 from mlflow_tabcons.cli import cli
+from mlflow_tabcons.cli.options import blank_or_count
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members import admission
 from mlflow_tabcons.metrics.classification import auroc, ranking_pvalue
@@ -147,3 +148,8 @@ def test_a_bad_replacement_cap_is_refused_by_name_before_training(value, message
     result = CliRunner().invoke(cli, ["train", "--max-replacements", value, "--register", "none"])
     assert result.exit_code == 2 and "--max-replacements" in result.output and message in result.output
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def test_the_replacement_cap_reads_an_mlproject_blank_as_the_default():
+    assert blank_or_count(None, None, "") is None and blank_or_count(None, None, None) is None
+    assert blank_or_count(None, None, "0") == 0 and blank_or_count(None, None, "3") == 3
