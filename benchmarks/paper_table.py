@@ -41,6 +41,7 @@ from common import RESULTS, Clock, eval_rows_available, machine, write_result  #
 from mlflow_tabcons.evaluation.measures import json_ready, markdown_table  # noqa: E402
 from mlflow_tabcons.evaluation.objective import Objective, goal_checks  # noqa: E402
 from mlflow_tabcons.members.classifier import LoraSettings  # noqa: E402
+from mlflow_tabcons.members.recipe import RECIPE_MODES  # noqa: E402
 from mlflow_tabcons.members.training import TrainSettings  # noqa: E402
 from mlflow_tabcons.scoring.consistency import ScorerSettings  # noqa: E402
 from mlflow_tabcons.tracking.calibration import (  # noqa: E402
@@ -80,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora-layers", type=int, default=LoraSettings().layers, help="LoRA on the top N layers")
     parser.add_argument("--recipe-budget", type=int, default=TrainingConfig.recipe_budget,
                         help="trials of the members' recipe search (2: only how numbers read)")
+    parser.add_argument("--recipe", choices=RECIPE_MODES, default=TrainingConfig.recipe,
+                        help="auto: search the members' recipe; fixed: train with --epochs, --lr, --head-lr as given")
+    parser.add_argument("--lr", type=float, default=TrainSettings.learning_rate, help="the adapters' learning rate")
+    parser.add_argument("--head-lr", type=float, default=TrainSettings.head_learning_rate, help="the head's learning rate")
     parser.add_argument("--train-precision", default="bfloat16")
     parser.add_argument("--scorer-precision", default="bfloat16")
     parser.add_argument("--eval-rows", type=int, default=200, help="test rows (all of them where the split has fewer)")
@@ -119,8 +124,9 @@ def candidates(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dic
 def _config(args: argparse.Namespace, dataset: str, shots: int, first: dict[str, Any]) -> TrainingConfig:
     return TrainingConfig(
         data=dataset, shots=shots, seeds=args.seeds, eval_rows=eval_rows_available(dataset, args.eval_rows), model=args.model,
-        experiment="tabcons-paper-table", register=None, recipe_budget=args.recipe_budget,
-        train=TrainSettings(epochs=args.epochs, precision=args.train_precision, lora=LoraSettings(layers=args.lora_layers)),
+        experiment="tabcons-paper-table", register=None, recipe=args.recipe, recipe_budget=args.recipe_budget,
+        train=TrainSettings(epochs=args.epochs, learning_rate=args.lr, head_learning_rate=args.head_lr,
+                            precision=args.train_precision, lora=LoraSettings(layers=args.lora_layers)),
         scorer=ScorerSettings(k=args.k, precision=args.scorer_precision, bound=args.bound, tau=args.tau, **first),
     )
 
@@ -141,13 +147,19 @@ def goal_summary(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _members_recipe(rows: list[dict[str, Any]], configured_layers: int | None) -> str:
-    """Epochs and LoRA layers the members trained with (the recipe search's, not the configured), per dataset and shots.
+    """Epochs, LoRA layers and learning rates the members trained with (the recipe search's, not the configured), per
+    dataset and shots.
 
-    Rows written before the evaluation recorded its LoRA layers fall back to the configured ones.
+    Rows written before the evaluation recorded its LoRA layers fall back to the configured ones; rows written
+    before it recorded the learning rates name none.
     """
-    recipes = {(row["dataset"], row["shots"]): (row["epochs"], row.get("lora_layers", configured_layers or "all")) for row in rows}
-    return "; ".join(f"{dataset} {shots}: {epochs} epochs, LoRA on {layers if layers == 'all' else f'the top {layers}'} layers"
-                     for (dataset, shots), (epochs, layers) in recipes.items())
+    def rates(row: dict[str, Any]) -> str:
+        return f", learning rates {row['learning_rate']:g} / {row['head_learning_rate']:g}" if "learning_rate" in row else ""
+
+    recipes = {(row["dataset"], row["shots"]): (row["epochs"], row.get("lora_layers", configured_layers or "all"), rates(row))
+               for row in rows}
+    return "; ".join(f"{dataset} {shots}: {epochs} epochs, LoRA on {layers if layers == 'all' else f'the top {layers}'} layers{lr}"
+                     for (dataset, shots), (epochs, layers, lr) in recipes.items())
 
 
 def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:

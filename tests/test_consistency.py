@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from mlflow_tabcons.scoring.bounds import empirical_bernstein_lcb
-from mlflow_tabcons.scoring.consistency import ConsistencyScorer, ScorerSettings, TorchBackend
+from mlflow_tabcons.scoring.consistency import (
+    ConsistencyScorer,
+    ScorerSettings,
+    TorchBackend,
+    neighbourhood_radius,
+    typical_norm,
+)
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.training import encode
 from mlflow_tabcons.members.classifier import LoraSettings, build_classifier, load_base_model, load_tokenizer
@@ -45,9 +51,24 @@ def test_neighbours_lie_on_the_sphere_around_the_real_tokens_only():
             center = backend.embed(row)
             assert torch.all(x[length:] == 0), "padding positions must not be perturbed"
             distance = float((x[:length] - center).norm())
-            assert distance == pytest.approx(0.25 * float(center.norm()), rel=1e-5)
+            assert distance == pytest.approx(0.25 * typical_norm(center), rel=1e-5)
             seen += 1
     assert seen == 8 * len(ROWS)
+
+
+def test_relative_radius_is_the_frobenius_norm_where_tokens_are_alike():
+    states = torch.randn(180, 64, generator=torch.Generator().manual_seed(0))
+    assert typical_norm(states) == pytest.approx(float(states.norm()), rel=0.03)
+
+
+def test_relative_radius_is_not_set_by_one_attention_sink_token():
+    """A decoder's first token can be 40x longer than the rest; the radius must follow the rest."""
+    states = torch.randn(180, 64, generator=torch.Generator().manual_seed(0))
+    with_sink = states.clone()
+    with_sink[0] *= 40.0
+    settings = ScorerSettings(sigma=0.5)
+    assert float(with_sink.norm()) > 3 * float(states.norm())  # what the plain Frobenius norm would follow
+    assert neighbourhood_radius(with_sink, settings) == pytest.approx(neighbourhood_radius(states, settings), rel=0.02)
 
 
 def test_score_is_the_formula_of_method_md():

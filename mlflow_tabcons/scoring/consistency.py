@@ -50,9 +50,10 @@ _ROUND_GROWTH = 1.25
 class ScorerSettings:
     """How a prediction is scored and certified. Travels with the packaged model.
 
-    ``sigma`` is the neighbourhood radius: a share of the row's own embedding
-    norm ||E(x)||_F when ``sigma_mode`` is ``relative`` (the default: embedding
-    scales differ between models and rows), in embedding units when ``absolute``.
+    ``sigma`` is the neighbourhood radius: a share of the row's own size
+    (``typical_norm``: ||E(x)||_F unless one token dwarfs the rest) when
+    ``sigma_mode`` is ``relative`` (the default: embedding scales differ
+    between models and rows), in embedding units when ``absolute``.
     ``early_stop`` (needs the anytime-valid ``betting`` bound) stops sampling a
     row as soon as its bound clears tau or its upper bound falls below it.
     ``precision`` is how a PyTorch model runs the neighbour passes (see ``TorchBackend``).
@@ -255,11 +256,24 @@ def neighbour_directions(
     return out / float(max(entries, 1)) ** 0.5
 
 
+def typical_norm(states: torch.Tensor) -> float:
+    """The Frobenius norm ``states`` (n, d) would have if every row were as long as the median one: sqrt(n) * median.
+
+    Equal to ||states||_F within a few percent where token norms are alike (input embeddings,
+    encoders' hidden states). Decoders' hidden states carry an attention-sink token tens of
+    times longer than the rest (SmolLM2 entering layer 27: 21,964 against a median of 544),
+    which would make ||.||_F, and with it a relative radius, that one token's size: the
+    neighbours of every other token would be pure noise.
+    """
+    norms = states.float().norm(dim=-1)
+    return float(norms.median()) * len(norms) ** 0.5
+
+
 def neighbourhood_radius(embedding: torch.Tensor, settings: ScorerSettings, positions: torch.Tensor | None = None) -> float:
-    """sigma itself (absolute) or sigma times the norm of what is perturbed, ||E(x)||_F (relative)."""
+    """sigma itself (absolute) or sigma times the typical norm of what is perturbed (relative, ``typical_norm``)."""
     if settings.sigma_mode == "relative":
         moved = embedding if positions is None else embedding[positions]
-        return settings.sigma * float(moved.norm())
+        return settings.sigma * typical_norm(moved)
     return settings.sigma
 
 

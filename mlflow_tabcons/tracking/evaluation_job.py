@@ -100,6 +100,8 @@ def evaluate_scores(
         "seeds": len(outcome.members),
         "epochs": trainer.settings.epochs,
         "lora_layers": trainer.settings.lora.layers or "all",  # the members' own recipe, searched or fixed
+        "learning_rate": trainer.settings.learning_rate,
+        "head_learning_rate": trainer.settings.head_learning_rate,
         "k": settings.k,
         "sigma": settings.sigma,
         "sigma_mode": settings.sigma_mode,
