@@ -143,7 +143,7 @@ def test_a_resumed_run_replaces_the_same_seeds_and_reuses_the_replacement(tracki
     assert {c for c in rows.columns if c.startswith("probability_seed_")} == {f"probability_seed_{s}" for s in (0, 2, 3)}
 
 
-@pytest.mark.parametrize(("value", "message"), [("two", "'two' is not a whole number"), ("-1", "-1 is negative")])
+@pytest.mark.parametrize(("value", "message"), [("two", "'two' is not a whole number"), ("-1", "must be between 0 and 1000, got -1"), ("1001", "got 1001")])
 def test_a_bad_replacement_cap_is_refused_by_name_before_training(value, message, tracking_uri):
     result = CliRunner().invoke(cli, ["train", "--max-replacements", value, "--register", "none"])
     assert result.exit_code == 2 and "--max-replacements" in result.output and message in result.output

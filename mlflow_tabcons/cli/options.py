@@ -15,7 +15,8 @@ from mlflow.exceptions import MlflowException
 
 from mlflow_tabcons.scoring.bounds import BOUNDS
 from mlflow_tabcons.scoring.consistency import NOISES, PERTURB_SITES, PRECISIONS, SIGMA_MODES, ScorerSettings
-from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.errors import TabconsInputError, check_int
+from mlflow_tabcons.members.admission import MAX_REPLACEMENTS
 from mlflow_tabcons.members.training import RESAMPLING, TRAIN_PRECISIONS, TrainSettings, class_prior_weight
 from mlflow_tabcons.members.classifier import HEADS, LoraSettings
 from mlflow_tabcons.members.checkpoints import DEFAULT_MODEL, SMOLLM2
@@ -46,7 +47,7 @@ def blank_is_none(_ctx: click.Context, _param: click.Parameter, value: Any) -> A
 
 
 def blank_or_count(ctx: click.Context, param: click.Parameter, value: Any) -> int | None:
-    """A whole number >= 0, or None where MLproject passes an empty string for an unset parameter."""
+    """A whole number from 0 to ``MAX_REPLACEMENTS``, or None where MLproject passes an empty string for an unset parameter."""
     value = blank_is_none(ctx, param, value)
     if value is None:
         return None
@@ -54,9 +55,10 @@ def blank_or_count(ctx: click.Context, param: click.Parameter, value: Any) -> in
         count = int(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a whole number") from None
-    if count < 0:
-        raise click.BadParameter(f"{count} is negative")
-    return count
+    try:
+        return check_int("the count", count, minimum=0, maximum=MAX_REPLACEMENTS)
+    except TabconsInputError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 class ClassPrior(click.ParamType):

@@ -23,6 +23,8 @@ from mlflow_tabcons.metrics.classification import auroc, ranking_pvalue
 
 # A member is admitted when a one-sided permutation test rejects "ranks no better than chance" at this level.
 ADMISSION_LEVEL = 0.05
+# The most replacements a job may be allowed (``--max-replacements``): beyond that it is a search for seeds.
+MAX_REPLACEMENTS = 1000
 
 
 def default_replacements(members: int) -> int:

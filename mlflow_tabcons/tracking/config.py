@@ -9,7 +9,7 @@ from typing import Any
 from mlflow_tabcons.data.serialize import NUMBER_STYLES, TEMPLATES
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_int
 from mlflow_tabcons.flavor.packaged import BACKENDS, check_backend_precision
-from mlflow_tabcons.members.admission import default_replacements
+from mlflow_tabcons.members.admission import MAX_REPLACEMENTS, default_replacements
 from mlflow_tabcons.members.checkpoints import DEFAULT_MODEL
 from mlflow_tabcons.members.recipe import RECIPE_MODES, SearchSettings
 from mlflow_tabcons.members.training import TrainSettings
@@ -59,7 +59,7 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         check_int("seeds", self.seeds, minimum=2, maximum=1000)
         if self.max_replacements is not None:
-            check_int("max_replacements", self.max_replacements, minimum=0, maximum=1000)
+            check_int("max_replacements", self.max_replacements, minimum=0, maximum=MAX_REPLACEMENTS)
         check_int("shots", self.shots, minimum=1)
         check_int("eval_rows", self.eval_rows, minimum=0)
         check_int("split_seed", self.split_seed, minimum=0)
