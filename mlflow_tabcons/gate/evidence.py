@@ -40,7 +40,8 @@ BREAK_GLASS_TAG = "tabcons.break_glass"
 RESERVED_TAG_PREFIXES = ("tabcons.evidence", "tabcons.verdict", "tabcons.audit")
 # 3: protocol fields, content digest, signer role (2 had neither; its numbers were measured under the trainer's own rules)
 # 5: members_replaced (4 could not say whether members that did not learn had been swapped for new seeds)
-FORMAT_VERSION = 5
+# 6: a relative sigma is a share of the row's typical token norm (5's was ||E(x)||_F, which one outlier token could set)
+FORMAT_VERSION = 6
 
 
 @dataclasses.dataclass(frozen=True)
