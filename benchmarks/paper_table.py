@@ -187,7 +187,7 @@ def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:
     cores = payload["machine"]["cores"]
     shared = f" (above {cores}: other jobs shared the cores)" if loads and max(loads) > cores else ""
     load = f"1-minute load average {min(loads):.1f}-{max(loads):.1f} after each configuration{shared}" if loads else "load average not recorded"
-    lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min on {payload['machine']['cores']} CPU cores "
+    lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min on {cores} CPU cores "
                  f"({payload['machine']['cpu']}), {payload['machine']['torch_threads']} torch thread(s); {load}.")
     (out_dir / f"{name}.md").write_text("\n\n".join(lines) + "\n")
 
