@@ -40,6 +40,7 @@ from common import RESULTS, Clock, eval_rows_available, machine, write_result  #
 
 from mlflow_tabcons.evaluation.measures import json_ready, markdown_table  # noqa: E402
 from mlflow_tabcons.evaluation.objective import Objective, goal_checks  # noqa: E402
+from mlflow_tabcons.data.serialize import NUMBER_STYLES  # noqa: E402
 from mlflow_tabcons.members.classifier import LoraSettings  # noqa: E402
 from mlflow_tabcons.members.recipe import RECIPE_MODES  # noqa: E402
 from mlflow_tabcons.members.training import TrainSettings  # noqa: E402
@@ -83,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="trials of the members' recipe search (2: only how numbers read)")
     parser.add_argument("--recipe", choices=RECIPE_MODES, default=TrainingConfig.recipe,
                         help="auto: search the members' recipe; fixed: train with --epochs, --lr, --head-lr as given")
+    parser.add_argument("--numbers", choices=("auto", *NUMBER_STYLES), default=TrainingConfig.numbers,
+                        help="how numbers read (auto: the recipe search or the table decides)")
     parser.add_argument("--lr", type=float, default=TrainSettings.learning_rate, help="the adapters' learning rate")
     parser.add_argument("--head-lr", type=float, default=TrainSettings.head_learning_rate, help="the head's learning rate")
     parser.add_argument("--train-precision", default="bfloat16")
@@ -124,7 +127,7 @@ def candidates(args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dic
 def _config(args: argparse.Namespace, dataset: str, shots: int, first: dict[str, Any]) -> TrainingConfig:
     return TrainingConfig(
         data=dataset, shots=shots, seeds=args.seeds, eval_rows=eval_rows_available(dataset, args.eval_rows), model=args.model,
-        experiment="tabcons-paper-table", register=None, recipe=args.recipe, recipe_budget=args.recipe_budget,
+        experiment="tabcons-paper-table", register=None, recipe=args.recipe, recipe_budget=args.recipe_budget, numbers=args.numbers,
         train=TrainSettings(epochs=args.epochs, learning_rate=args.lr, head_learning_rate=args.head_lr,
                             precision=args.train_precision, lora=LoraSettings(layers=args.lora_layers)),
         scorer=ScorerSettings(k=args.k, precision=args.scorer_precision, bound=args.bound, tau=args.tau, **first),

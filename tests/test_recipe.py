@@ -1,6 +1,7 @@
 """The recipe search: a budgeted greedy walk on validation rows, early stopping, one recipe per ensemble."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -121,12 +122,33 @@ def test_a_step_back_to_a_recipe_already_tried_reuses_its_scores(monkeypatch):
 
     monkeypatch.setattr(recipe, "run_trial", fake_trial)
     configured = TrainSettings(epochs=4)
-    choice = search_recipe(None, 2, configured, {"plain": ([0], [0])}, SearchSettings(budget=100))
+    choice = search_recipe(_model_of_depth(6), 2, configured, {"plain": ([0], [0])}, SearchSettings(budget=100))
     assert [t.name for t in choice.trials][-1] == "learning rates /3 (= as configured)"
     assert len(trained) == len(choice.trials) - 1 and configured in trained
     first, last = choice.trials[0], choice.trials[-1]
     assert (last.settings, last.val_auroc, last.best_epoch, last.seconds) == (first.settings, first.val_auroc, 3, 0.0)
     assert choice.settings.learning_rate == pytest.approx(3 * configured.learning_rate)
+
+
+def _model_of_depth(layers):
+    return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers))
+
+
+@pytest.mark.parametrize(("depth", "more_layers", "larger"), [(30, 6, 12), (12, 6, None), (6, None, None), (None, 6, 12)])
+def test_layer_steps_double_the_adapted_layers_up_to_the_models_depth(monkeypatch, depth, more_layers, larger):
+    """A deep model gets twice the top layers, not every layer: every layer has no frozen prefix to reuse."""
+    from mlflow_tabcons.members import recipe
+
+    def fake_trial(base_model, num_labels, settings, rows, search, **kwargs):  # more layers win, nothing else does
+        return (0.6 if settings.lora.layers == 3 else 0.7), 0.7, 0.5, 3
+
+    monkeypatch.setattr(recipe, "run_trial", fake_trial)
+    configured = TrainSettings(epochs=4)  # LoRA rank 8 on the top 3 layers
+    choice = search_recipe(_model_of_depth(depth), 2, configured, {"plain": ([0], [0])}, SearchSettings(budget=100))
+    by_name = {t.name.split(" (=")[0]: t.settings.lora for t in choice.trials}
+    assert (by_name["LoRA on twice the top layers"].layers, by_name["LoRA on twice the top layers"].rank) == (more_layers, 8)
+    assert (by_name["LoRA rank and layers x2"].layers, by_name["LoRA rank and layers x2"].rank) == (larger, 16)
+    assert (choice.settings.lora.layers, choice.settings.lora.rank) == (more_layers, 8)
 
 
 def test_best_index_falls_back_to_the_loss_where_auroc_is_undefined():
