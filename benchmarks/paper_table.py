@@ -190,9 +190,17 @@ def _write(out_dir: Path, name: str, payload: dict[str, Any]) -> None:
     cores = payload["machine"]["cores"]
     shared = f" (above {cores}: other jobs shared the cores)" if loads and max(loads) > cores else ""
     load = f"1-minute load average {min(loads):.1f}-{max(loads):.1f} after each configuration{shared}" if loads else "load average not recorded"
-    lines.append(f"Wall time: {payload['seconds_total'] / 60:.1f} min on {cores} CPU cores "
-                 f"({payload['machine']['cpu']}), {payload['machine']['torch_threads']} torch thread(s); {load}.")
+    runs = payload.get("runs") or [_run_time(payload)]
+    times = ", ".join(f"{run['datasets']} {run['seconds'] / 60:.1f} min ({run['torch_threads']} torch thread(s))" for run in runs)
+    side_by_side = " side by side" if len(runs) > 1 else ""
+    lines.append(f"Wall time{side_by_side}: {times} on {cores} CPU cores ({payload['machine']['cpu']}); {load}.")
     (out_dir / f"{name}.md").write_text("\n\n".join(lines) + "\n")
+
+
+def _run_time(payload: dict[str, Any]) -> dict[str, Any]:
+    """One run's datasets, wall time and torch threads."""
+    return {"datasets": payload["settings"]["datasets"], "seconds": payload["seconds_total"],
+            "torch_threads": payload["machine"]["torch_threads"]}
 
 
 def not_measured(settings: list[dict[str, Any]], rows: list[dict[str, Any]]) -> list[str]:
@@ -207,12 +215,13 @@ def combine(paths: list[Path], out_dir: Path, name: str) -> dict[str, Any]:
     """One table from runs made side by side (a combined file's own parts are kept, not nested)."""
     parts = [json.loads(path.read_text()) for path in paths]
     settings = [setting for part in parts for setting in part.get("parts") or [part["settings"]]]
-    payload = {**parts[0], "rows": [], "calibrations": {}, "seconds_total": 0.0,
+    # side by side, the runs' wall times overlap: each is kept with its own thread count, never summed
+    runs = [run for part in parts for run in part.get("runs") or [_run_time(part)]]
+    payload = {**parts[0], "rows": [], "calibrations": {}, "seconds_total": max(run["seconds"] for run in runs), "runs": runs,
                "load_averages": [load for part in parts for load in part.get("load_averages", [])], "parts": settings}
     for part in parts:
         payload["rows"] += part["rows"]
         payload["calibrations"].update(part["calibrations"])
-        payload["seconds_total"] += part["seconds_total"]
     payload["rows"].sort(key=lambda row: (row["dataset"], row["shots"]))
     payload["not_run"] = not_measured(settings, payload["rows"])
     _write(out_dir, name, payload)
