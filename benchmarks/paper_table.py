@@ -38,9 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, Clock, eval_rows_available, machine, write_result  # noqa: E402
 
+from mlflow_tabcons.data.serialize import NUMBER_STYLES  # noqa: E402
 from mlflow_tabcons.evaluation.measures import json_ready, markdown_table  # noqa: E402
 from mlflow_tabcons.evaluation.objective import Objective, goal_checks  # noqa: E402
-from mlflow_tabcons.data.serialize import NUMBER_STYLES  # noqa: E402
 from mlflow_tabcons.members.classifier import LoraSettings  # noqa: E402
 from mlflow_tabcons.members.recipe import RECIPE_MODES  # noqa: E402
 from mlflow_tabcons.members.training import TrainSettings  # noqa: E402

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mlflow_tabcons.errors import TabconsInputError, check_float, check_int
-from mlflow_tabcons.members.classifier import BaseModel
+from mlflow_tabcons.members.classifier import BaseModel, LoraSettings
 from mlflow_tabcons.members.families import num_layers
 from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, TrainSettings
 
@@ -101,9 +101,11 @@ def _flipped_weighting(settings: TrainSettings, depth: int | None) -> TrainSetti
     return replace(settings, class_weight="none" if settings.class_weight == "balanced" else "balanced")
 
 
-def _top_layers(layers: int | None, depth: int | None) -> int | None:
-    """``layers`` counted from the top, or None (every layer) once they reach the model's depth."""
-    return None if layers is None or (depth is not None and layers >= depth) else layers
+def _doubled_layers(lora: LoraSettings, depth: int | None) -> int | None:
+    """Twice the adapted top layers, or None (every layer) once that reaches the model's depth."""
+    if lora.layers is None or (depth is not None and 2 * lora.layers >= depth):
+        return None
+    return 2 * lora.layers
 
 
 def _more_layers(settings: TrainSettings, depth: int | None) -> TrainSettings:
@@ -113,15 +115,13 @@ def _more_layers(settings: TrainSettings, depth: int | None) -> TrainSettings:
     the frozen-prefix cache on a deep model: with LoRA on all 30 of SmolLM2's layers each epoch runs 30
     layers forward and backward instead of 3.
     """
-    lora = settings.lora
-    return replace(settings, lora=replace(lora, layers=_top_layers(2 * lora.layers if lora.layers else None, depth)))
+    return replace(settings, lora=replace(settings.lora, layers=_doubled_layers(settings.lora, depth)))
 
 
 def _larger_lora(settings: TrainSettings, depth: int | None) -> TrainSettings:
     """Twice the rank, on twice the top layers (all of them when the adapters already cover every layer)."""
     lora = settings.lora
-    layers = _top_layers(2 * lora.layers if lora.layers else None, depth)
-    return replace(settings, lora=replace(lora, rank=2 * lora.rank, layers=layers))
+    return replace(settings, lora=replace(lora, rank=2 * lora.rank, layers=_doubled_layers(lora, depth)))
 
 
 # The greedy walk, in order: each step changes the current best recipe in one respect, knowing the model's depth.
