@@ -117,7 +117,7 @@ def main() -> None:
     model_path = resolve_model_path("minilm")
     tokenizer = load_tokenizer(model_path)
     settings = TrainSettings(epochs=epochs, attention_dropout=None if args.attention_dropout < 0 else args.attention_dropout,
-                             precision=args.precision)
+                             precision=args.precision).for_head("linear")  # MiniLM's linear head, as the baseline trains it
     device = "cuda" if torch.cuda.is_available() else "cpu"
     labels, eval_labels = dataset.encode_labels(train_frame), dataset.encode_labels(eval_frame)
     ours_serializer = RowSerializer(dataset.features, dataset.dictionary, dataset.question, "compact")

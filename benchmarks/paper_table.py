@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="auto: search the members' recipe; fixed: train with --epochs, --lr, --head-lr as given")
     parser.add_argument("--numbers", choices=("auto", *NUMBER_STYLES), default=TrainingConfig.numbers,
                         help="how numbers read (auto: the recipe search or the table decides)")
-    parser.add_argument("--lr", type=float, default=TrainSettings.learning_rate, help="the adapters' learning rate")
-    parser.add_argument("--head-lr", type=float, default=TrainSettings.head_learning_rate, help="the head's learning rate")
+    parser.add_argument("--lr", type=float, help="the adapters' learning rate (default: the head's, DEFAULT_RATES)")
+    parser.add_argument("--head-lr", type=float, help="the head's learning rate (default: the head's, DEFAULT_RATES)")
     parser.add_argument("--train-precision", default="bfloat16")
     parser.add_argument("--scorer-precision", default="bfloat16")
     parser.add_argument("--eval-rows", type=int, default=200, help="test rows (all of them where the split has fewer)")

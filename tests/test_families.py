@@ -21,6 +21,7 @@ from mlflow_tabcons.members.classifier import (
     load_base_model,
     load_tokenizer,
 )
+from mlflow_tabcons.members.training import DEFAULT_RATES
 from conftest import build_tabcons_model, randomize_adapters
 from tiny_models import FAMILY_OF, TINY_KINDS
 
@@ -164,6 +165,9 @@ def test_tabcons_train_works_with_no_model_specific_flags(tiny_dirs, kind, track
     assert run.data.params["model_family"] == FAMILY_OF[kind]
     if kind != "bert":
         assert run.data.params["head"] == "verbalizer" and run.data.params["answer_words"] == "No=no,Yes=yes"
+    # the rates the members trained with are logged as numbers: the head's defaults, no flag needed
+    rates = DEFAULT_RATES["linear" if kind == "bert" else "verbalizer"]
+    assert (float(run.data.params["train.learning_rate"]), float(run.data.params["train.head_learning_rate"])) == rates
     model = mlflow.pyfunc.load_model(f"models:/tiny-{kind}/1")
     features = load_dataset("diabetes").frame.drop(columns=["type"]).head(3)
     answer = model.predict(features, params={"k": 4})

@@ -9,7 +9,7 @@ import pytest
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.classifier import load_base_model, load_tokenizer
 from mlflow_tabcons.members.recipe import STEPS, SearchSettings, Trial, planned_trials, search_recipe
-from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings, balanced_class_weights, encode
+from mlflow_tabcons.members.training import DEFAULT_RATES, EnsembleTrainer, TrainSettings, balanced_class_weights, encode
 from mlflow_tabcons.metrics.classification import log_loss
 
 TEXTS = ["colour: red. size: 3 (high).", "colour: blue. size: 1 (low).", "colour: red. size: 2 (medium).", "colour: blue. size: 3 (high)."]
@@ -124,14 +124,31 @@ def test_a_step_back_to_a_recipe_already_tried_reuses_its_scores(monkeypatch):
     configured = TrainSettings(epochs=4)
     choice = search_recipe(_model_of_depth(6), 2, configured, {"plain": ([0], [0])}, SearchSettings(budget=100))
     assert [t.name for t in choice.trials][-1] == "learning rates /3 (= as configured)"
-    assert len(trained) == len(choice.trials) - 1 and configured in trained
+    assert len(trained) == len(choice.trials) - 1 and configured.for_head("linear") in trained
     first, last = choice.trials[0], choice.trials[-1]
     assert (last.settings, last.val_auroc, last.best_epoch, last.seconds) == (first.settings, first.val_auroc, 3, 0.0)
-    assert choice.settings.learning_rate == pytest.approx(3 * configured.learning_rate)
+    assert choice.settings.learning_rate == pytest.approx(3 * DEFAULT_RATES["linear"][0])
 
 
-def _model_of_depth(layers):
-    return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers))
+def _model_of_depth(layers, family="encoder"):
+    return SimpleNamespace(config=SimpleNamespace(num_hidden_layers=layers), family=family)
+
+
+@pytest.mark.parametrize("family, head, rates", [("encoder", "auto", (1e-3, 3e-3)), ("decoder", "auto", (1e-2, 1e-2)),
+                                                 ("encoder-decoder", "auto", (1e-2, 1e-2)), ("decoder", "linear", (1e-3, 3e-3))])
+def test_the_search_starts_from_the_heads_default_rates_unless_rates_are_given(monkeypatch, family, head, rates):
+    """A verbalizer member starts at 1e-2 (its answer rows barely move at a linear head's 1e-3); given rates win."""
+    from mlflow_tabcons.members import recipe
+
+    tried = []
+    monkeypatch.setattr(recipe, "run_trial", lambda base_model, n, settings, *a, **k: tried.append(settings) or (0.6, 0.7, 0.5, 3))
+    choice = search_recipe(_model_of_depth(6, family), 2, TrainSettings(head=head), {"plain": ([0], [0])}, SearchSettings(budget=3))
+    assert (tried[0].learning_rate, tried[0].head_learning_rate) == rates
+    assert choice.trials[2].name == "learning rates x3"
+    assert tried[2].learning_rate == pytest.approx(3 * rates[0])  # the step scales the resolved rates
+    search_recipe(_model_of_depth(6, family), 2, TrainSettings(head=head, learning_rate=2e-3), {"plain": ([0], [0])},
+                  SearchSettings(budget=1))
+    assert (tried[3].learning_rate, tried[3].head_learning_rate) == (2e-3, rates[1])
 
 
 @pytest.mark.parametrize(("depth", "more_layers", "larger"), [(30, 6, 12), (12, 6, None), (6, None, None), (None, 6, 12)])
@@ -227,7 +244,7 @@ def test_a_failing_trial_is_skipped_and_never_chosen(parts, monkeypatch):
                            SearchSettings(budget=3, seeds=(7,)))
     assert choice.trials[2].name == "learning rates x3" and not choice.trials[1].error
     assert choice.trials[2].error == "RuntimeError: simulated out-of-memory"
-    assert choice.settings.learning_rate == TrainSettings().learning_rate
+    assert choice.settings.learning_rate == DEFAULT_RATES["linear"][0]
 
 
 def test_when_every_trial_fails_the_configured_recipe_stands(parts, monkeypatch):
@@ -239,4 +256,4 @@ def test_when_every_trial_fails_the_configured_recipe_stands(parts, monkeypatch)
     monkeypatch.setattr(EnsembleTrainer, "train_member", broken)
     configured = TrainSettings(epochs=2, batch_size=4)
     choice = search_recipe(base, 2, configured, {"plain": _rows(tokenizer, PLAIN)}, SearchSettings(budget=2, seeds=(7,)))
-    assert choice.settings == configured and all(t.error for t in choice.trials)
+    assert choice.settings == configured.for_head("linear") and all(t.error for t in choice.trials)

@@ -17,7 +17,7 @@ from mlflow_tabcons.scoring.bounds import BOUNDS
 from mlflow_tabcons.scoring.consistency import NOISES, PERTURB_SITES, PRECISIONS, SIGMA_MODES, ScorerSettings
 from mlflow_tabcons.errors import TabconsInputError, check_int
 from mlflow_tabcons.members.admission import MAX_REPLACEMENTS
-from mlflow_tabcons.members.training import RESAMPLING, TRAIN_PRECISIONS, TrainSettings, class_prior_weight
+from mlflow_tabcons.members.training import DEFAULT_RATES, RESAMPLING, TRAIN_PRECISIONS, TrainSettings, class_prior_weight
 from mlflow_tabcons.members.classifier import HEADS, LoraSettings
 from mlflow_tabcons.members.checkpoints import DEFAULT_MODEL, SMOLLM2
 from mlflow_tabcons.tracking.config import TrainingConfig
@@ -111,10 +111,12 @@ training_options = _stack(
                  help="verbalizer: the language model's scores of the answer words; linear: a fresh linear head; "
                       "auto: the verbalizer for decoders and encoder-decoders, linear for encoders."),
     click.option("--batch-size", type=int, default=_DEFAULT_TRAIN.batch_size, show_default=True),
-    click.option("--lr", "learning_rate", type=float, default=_DEFAULT_TRAIN.learning_rate, show_default=True,
-                 help="Learning rate of the LoRA adapters."),
-    click.option("--head-lr", "head_learning_rate", type=float, default=_DEFAULT_TRAIN.head_learning_rate,
-                 show_default=True, help="Learning rate of the classification head."),
+    click.option("--lr", "learning_rate", type=float, default=None,
+                 help=f"Learning rate of the LoRA adapters [default: {DEFAULT_RATES['linear'][0]:g} with a linear head, "
+                      f"{DEFAULT_RATES['verbalizer'][0]:g} with the verbalizer]."),
+    click.option("--head-lr", "head_learning_rate", type=float, default=None,
+                 help=f"Learning rate of the classification head [default: {DEFAULT_RATES['linear'][1]:g} linear, "
+                      f"{DEFAULT_RATES['verbalizer'][1]:g} verbalizer]."),
     click.option("--class-weight", type=click.Choice(["balanced", "none"]), default=_DEFAULT_TRAIN.class_weight,
                  show_default=True, help="Weight the loss so every class counts equally (keeps few-shot members off the majority class)."),
     click.option("--class-prior", type=ClassPrior(), default="data", show_default=True,

@@ -21,7 +21,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mlflow_tabcons.errors import TabconsInputError, check_float, check_int
-from mlflow_tabcons.members.classifier import BaseModel, LoraSettings
+from mlflow_tabcons.members.classifier import BaseModel, LoraSettings, resolve_head
 from mlflow_tabcons.members.families import num_layers
 from mlflow_tabcons.members.training import EncodedRows, EnsembleTrainer, TrainSettings
 
@@ -202,6 +202,7 @@ def search_recipe(
     was highest. ``on_trial(trial, done, planned)`` reports progress.
     """
     search = search or SearchSettings()
+    base = base.for_head(resolve_head(base.head, base_model.family))  # the steps scale concrete learning rates
     if not rows_by_numbers:
         raise TabconsInputError("the recipe search needs the rows serialized in at least one number style")
     for style, (_, validation) in rows_by_numbers.items():

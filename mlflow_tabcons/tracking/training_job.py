@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import mlflow
@@ -24,7 +24,7 @@ from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.evaluation.classical import classical_baselines
 from mlflow_tabcons.members.admission import Admission, admit
 from mlflow_tabcons.members.checkpoints import resolve_model_path
-from mlflow_tabcons.members.classifier import BaseModel, load_base_model
+from mlflow_tabcons.members.classifier import BaseModel, load_base_model, resolve_head
 from mlflow_tabcons.members.training import EnsembleTrainer, Member, TrainSettings
 from mlflow_tabcons.metrics import multiplicity
 from mlflow_tabcons.metrics.classification import classification_scores, majority_rate, members_learned
@@ -332,6 +332,7 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
     """
     configure_threads()
     data = prepare_data(config)
+    config = replace(config, train=config.train.for_head(resolve_head(config.train.head, data.family)))  # logged as trained
     initialize_tracking_store()
     with _open_parent(config, data, resume_run_id) as parent:
         _log_new_params(parent, {"n_train": len(data.train), "n_eval": len(data.evaluation), "labels": ",".join(map(str, data.dataset.labels))})
