@@ -229,7 +229,7 @@ def _evaluate(tiny_model_dir, *extra):
 def test_evaluate_writes_every_key_and_logs_to_mlflow(tracking_uri, tiny_model_dir, tmp_path):
     out = tmp_path / "evaluation.json"
     result = _evaluate(tiny_model_dir, "--data", "diabetes", "--seeds", "3", "--perturb", "hidden", "--noise", "gaussian",
-                       "--recipe", "fixed", "--lr", "2e-3", "--head-lr", "5e-3", "--out", str(out))
+                       "--recipe", "fixed", "--lr", "2e-3", "--head-lr", "5e-3", "--schedule-epochs", "3", "--out", str(out))
     assert result.exit_code == 0, result.output
     written = json.loads(out.read_text())
     assert REQUIRED_KEYS <= set(written)
@@ -242,6 +242,7 @@ def test_evaluate_writes_every_key_and_logs_to_mlflow(tracking_uri, tiny_model_d
     assert written["seeds"] == 3 and written["n_eval"] == 20 and written["k"] == 16 and written["shots"] == 24
     assert (written["perturb"], written["noise"]) == ("hidden", "gaussian")
     assert (written["learning_rate"], written["head_learning_rate"]) == (2e-3, 5e-3)  # the members' own rates
+    assert written["schedule_epochs"] == 3  # the schedule they stopped on
 
     run = mlflow.get_run(written["parent_run_id"])
     table = mlflow.load_table("tabcons/rows.json", run_ids=[run.info.run_id])

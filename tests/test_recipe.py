@@ -36,6 +36,22 @@ def test_returning_true_from_on_epoch_stops_training(parts):
     assert "val_loss" in member.history[0] and member.history[0]["val_loss"] > 0
 
 
+def test_a_member_stopped_early_on_a_longer_schedule_repeats_that_trajectory(parts):
+    """epochs=2 of a 5-epoch schedule trains exactly like the first two epochs of 5: what the search's trial saw."""
+    tokenizer, base = parts
+    train, validation = _rows(tokenizer, TEXTS)
+
+    def history(**settings):
+        trainer = EnsembleTrainer(base, 2, TrainSettings(batch_size=4, head_dropout=0.0, **settings), train, validation)
+        return [loss for h in trainer.train_member(3).history for loss in (h["train_loss"], h["val_loss"])]
+
+    full, stopped, squeezed = history(epochs=5), history(epochs=2, schedule_epochs=5), history(epochs=2)
+    assert stopped == pytest.approx(full[:4], rel=1e-5)
+    assert squeezed[2:] != pytest.approx(full[2:4], rel=1e-5)  # a 2-epoch schedule decays sooner: another trajectory
+    with pytest.raises(TabconsInputError, match="schedule_epochs"):
+        TrainSettings(epochs=8, schedule_epochs=4)
+
+
 @pytest.mark.parametrize("class_weight", ["balanced", "none"])
 def test_early_stopping_watches_the_loss_training_minimizes(parts, class_weight):
     """A balanced head's plain log loss on imbalanced rows rises as it leaves the uniform prior: not the objective."""
@@ -71,7 +87,7 @@ def test_search_spends_its_budget_and_returns_the_best_trial(parts):
     for trial in choice.trials[1:]:
         best = trial if trial.improves_on(best, SearchSettings().min_gain) else best
     assert choice.numbers == best.numbers
-    assert choice.settings == replace(best.settings, epochs=best.best_epoch)
+    assert choice.settings == replace(best.settings, epochs=best.best_epoch, schedule_epochs=best.settings.epochs)
     assert 1 <= choice.settings.epochs <= 3
     # each step changes the recipe it starts from in one respect
     assert choice.trials[2].settings.lora.layers is None and choice.trials[0].settings.lora.layers == 3
@@ -128,6 +144,7 @@ def test_a_step_back_to_a_recipe_already_tried_reuses_its_scores(monkeypatch):
     first, last = choice.trials[0], choice.trials[-1]
     assert (last.settings, last.val_auroc, last.best_epoch, last.seconds) == (first.settings, first.val_auroc, 3, 0.0)
     assert choice.settings.learning_rate == pytest.approx(3 * DEFAULT_RATES["linear"][0])
+    assert (choice.settings.epochs, choice.settings.schedule_epochs) == (3, 4)  # stopped at the best epoch of 4
 
 
 def _model_of_depth(layers, family="encoder"):

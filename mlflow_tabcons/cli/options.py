@@ -104,6 +104,9 @@ training_options = _stack(
                  help="Recipes the auto search tries (each trained with two search seeds)."),
     click.option("--epochs", type=int, default=_DEFAULT_TRAIN.epochs, show_default=True,
                  help="Training epochs; with --recipe auto, the most a trial trains (early stopping picks fewer)."),
+    click.option("--schedule-epochs", type=int, default=None,
+                 help="Epochs the learning-rate schedule spans, when training stops before its end [default: --epochs]; "
+                      "the recipe search logs its choice as recipe.train.schedule_epochs."),
     click.option("--model", default=_DEFAULT_CONFIG.model, show_default=True,
                  help=f"Hugging Face checkpoint (local dir or hub id): an encoder, decoder or encoder-decoder; "
                       f"'{DEFAULT_MODEL}' is the packaged offline MiniLM-L6, '{SMOLLM2}' the packaged SmolLM2-135M-Instruct."),
@@ -203,6 +206,7 @@ def train_settings_from_options(options: dict[str, Any]) -> TrainSettings:
     )
     return TrainSettings(
         epochs=options["epochs"],
+        schedule_epochs=options["schedule_epochs"],
         batch_size=options["batch_size"],
         learning_rate=options["learning_rate"],
         head_learning_rate=options["head_learning_rate"],

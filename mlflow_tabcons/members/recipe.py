@@ -5,9 +5,10 @@ than the majority class. ``search_recipe`` tries a few recipes (a greedy,
 budgeted walk: serialization of numbers, learning rates, LoRA size, class
 weighting), each trained with a couple of search seeds that no member uses,
 with early stopping on the validation AUROC, and returns the best as a
-``TrainSettings`` (epochs set to where the validation AUROC peaked) and a
-number style. Every member of the ensemble then trains with that one recipe,
-so recipe choice is never confused with seed multiplicity.
+``TrainSettings`` (epochs set to where the validation AUROC peaked, on the
+trial's learning-rate schedule) and a number style. Every member of the
+ensemble then trains with that one recipe, so recipe choice is never confused
+with seed multiplicity.
 """
 
 from __future__ import annotations
@@ -252,4 +253,7 @@ def search_recipe(
     seconds = time.perf_counter() - started
     if best.error:  # nothing trained: the members go with the configured recipe (and fail the same way, with its reason)
         return RecipeChoice(base, next(iter(rows_by_numbers)), trials, seconds)
-    return RecipeChoice(replace(best.settings, epochs=best.best_epoch), best.numbers, trials, seconds)
+    # members stop where the trial peaked, on the trial's schedule: its trajectory, not a squeezed one
+    schedule = best.settings.schedule_epochs or best.settings.epochs
+    chosen = replace(best.settings, epochs=best.best_epoch, schedule_epochs=schedule)
+    return RecipeChoice(chosen, best.numbers, trials, seconds)

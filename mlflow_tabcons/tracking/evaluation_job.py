@@ -99,6 +99,7 @@ def evaluate_scores(
         "shots": len(data.train),
         "seeds": len(outcome.members),
         "epochs": trainer.settings.epochs,
+        "schedule_epochs": trainer.settings.schedule_epochs or trainer.settings.epochs,
         "lora_layers": trainer.settings.lora.layers or "all",  # the members' own recipe, searched or fixed
         "learning_rate": trainer.settings.learning_rate,
         "head_learning_rate": trainer.settings.head_learning_rate,
