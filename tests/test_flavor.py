@@ -50,6 +50,25 @@ def test_mlmodel_has_its_own_flavor_and_python_function(saved, tabcons_model):
     assert mlmodel["flavors"]["python_function"]["code"] == "code"
 
 
+def test_pins_hold_where_only_mlflow_skinny_is_installed(monkeypatch):
+    """No ``mlflow`` or ``pyyaml`` distribution metadata (mlflow-skinny, a vendored yaml): pins come from the modules."""
+    import importlib.metadata
+
+    import importlib_metadata  # the backport MLflow reads
+
+    from mlflow_tabcons.flavor.environment import public_pin
+
+    for module in (importlib.metadata, importlib_metadata):
+        def version(package, found=module.version, missing=module.PackageNotFoundError):
+            if package in ("mlflow", "pyyaml"):
+                raise missing(package)
+            return found(package)
+
+        monkeypatch.setattr(module, "version", version)
+    assert public_pin("mlflow") == f"mlflow=={mlflow.__version__}"
+    assert public_pin("pyyaml") == f"pyyaml=={yaml.__version__}"
+
+
 def test_signature_declares_the_columns_the_answer_and_the_params(pyfunc_model, diabetes_features):
     signature = pyfunc_model.metadata.signature
     assert signature.inputs.input_names() == list(diabetes_features.columns)

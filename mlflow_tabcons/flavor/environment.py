@@ -14,7 +14,6 @@ ONNX backend gets ``onnxruntime-gpu`` there.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ from mlflow.utils.environment import (
 )
 from mlflow.utils.file_utils import write_to
 from mlflow.utils.model_utils import _validate_and_copy_code_paths
+from mlflow.utils.requirements_utils import _get_pinned_requirement
 from packaging.requirements import Requirement
-from packaging.version import Version
 
 import mlflow_tabcons
 
@@ -49,6 +48,8 @@ SERVING_PACKAGES: tuple[str, ...] = (
     "pyyaml",
     "tqdm",
 )
+# Where a package's module is named otherwise: the fallback when no distribution metadata is found.
+MODULE_OF = {"pyyaml": "yaml"}
 ONNX_PACKAGE = "onnxruntime"
 # onnxruntime and onnxruntime-gpu are one module and must not be installed together;
 # the GPU build follows its own release numbers, so the conda environment asks for a floor.
@@ -57,9 +58,13 @@ CODE_DIR = "code"
 
 
 def public_pin(package: str) -> str:
-    """``package==version`` of the installed distribution, without a local label (``torch==2.13.0``, never ``+cpu``)."""
-    version = Version(importlib.metadata.version(package))
-    return f"{package}=={version.public}"
+    """``package==version`` as installed, without a local label (``torch==2.13.0``, never ``+cpu``).
+
+    MLflow's own pinning, as its flavors use it: ``mlflow`` is pinned by its
+    ``__version__``, so an environment that has only ``mlflow-skinny`` (no
+    ``mlflow`` distribution) still logs models.
+    """
+    return _get_pinned_requirement(package, module=MODULE_OF.get(package))
 
 
 def get_default_pip_requirements(backend: str = "torch") -> list[str]:
