@@ -136,3 +136,18 @@ def test_calibrate_then_train_with_the_calibration(tracking_uri, tiny_model_dir,
         assert int(parent.data.params["scorer.k"]) == calibration["k"]
         assert parent.data.params["scorer.perturb"] == calibration["perturb"]
         assert not math.isnan(parent.data.metrics["mean_consistency"])
+
+
+def test_rows_that_fill_up_the_validation_split_were_never_trained_on(tiny_model_dir):
+    from mlflow_tabcons.data.tables import split_dataset
+    from mlflow_tabcons.tracking.calibration import held_out_rows
+    from mlflow_tabcons.tracking.config import TrainingConfig
+    from mlflow_tabcons.tracking.prepared import prepare_data
+
+    config = TrainingConfig(data="diabetes", model=tiny_model_dir, shots=24, seeds=2, register=None)
+    data = prepare_data(config)
+    unused = len(split_dataset(data.dataset).train) - config.shots
+    rows = held_out_rows(config, data, len(data.validation) + unused)  # every training-split row outside the shots
+    assert len(rows) == len(data.validation) + unused
+    trained_on = {tuple(ids.tolist()) for ids in data.train.input_ids}
+    assert not trained_on & {tuple(ids.tolist()) for ids in rows.input_ids}

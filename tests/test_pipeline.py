@@ -8,7 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from mlflow_tabcons.cli import cli
+from mlflow_tabcons.data.tables import load_dataset, split_dataset, stratified_sample
 from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings
+from mlflow_tabcons.tracking.prepared import evaluation_rows_first
 
 FAST = ["--shots", "24", "--epochs", "1", "--eval-rows", "20", "--k", "16", "--batch-size", "8"]
 
@@ -46,6 +48,12 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
                 "baseline_logistic_accuracy", "baseline_logistic_auroc", "baseline_boosting_accuracy", "baseline_boosting_auroc"):
         assert key in metrics, key
     assert metrics["members_succeeded"] == 2
+    # accuracy and the learning test read every test row; S only the 20 scored ones
+    test_labels = split_dataset(load_dataset("diabetes")).test["type"]
+    assert parent.data.params["n_test"] == str(len(test_labels)) and parent.data.params["n_eval"] == "20"
+    assert metrics["majority_rate"] == pytest.approx(float(test_labels.value_counts(normalize=True).max()))
+    assert metrics[f"accuracy_seed_{kept[0]}"] * len(test_labels) == pytest.approx(round(metrics[f"accuracy_seed_{kept[0]}"] * len(test_labels)))
+    assert f"on {len(test_labels)} test rows; on the 20 scored" in result.output
     assert parent.data.tags["tabcons.members_learned"] == ("true" if metrics["members_learned"] == 1.0 else "false")
     assert 0.0 <= metrics[f"majority_test_pvalue_seed_{kept[0]}"] <= 1.0
     assert metrics["certified_fraction_lower"] <= metrics["certified_fraction"] <= metrics["certified_fraction_upper"]
@@ -73,6 +81,17 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     assert metrics["arbitrariness"] == pytest.approx(float((table["pairwise_disagreement"] > 0).mean()))
     assert "certified fraction" in result.output
     assert f"logistic regression accuracy {metrics['baseline_logistic_accuracy']:.3f}" in result.output
+
+
+def test_the_scored_rows_come_first_and_every_test_row_is_kept():
+    test = split_dataset(load_dataset("diabetes")).test
+    frame, scored = evaluation_rows_first(test, "type", 20, seed=3)
+    assert scored == 20 and len(frame) == len(test)
+    pd.testing.assert_frame_equal(frame.iloc[:20], stratified_sample(test, "type", 20, seed=3))
+    columns = list(test.columns)
+    pd.testing.assert_frame_equal(frame.sort_values(columns).reset_index(drop=True), test.sort_values(columns).reset_index(drop=True))
+    whole, scored = evaluation_rows_first(test, "type", 0, seed=3)
+    assert whole is test and scored == len(test)
 
 
 def test_a_fixed_recipe_trains_every_member_as_configured(tracking_uri, tiny_model_dir):

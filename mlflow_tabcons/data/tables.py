@@ -271,6 +271,14 @@ def split_dataset(
 
 def stratified_sample(frame: pd.DataFrame, target: str, size: int, *, seed: int, what: str = "rows") -> pd.DataFrame:
     """``size`` rows keeping class proportions, at least one row per class."""
+    return frame.iloc[stratified_positions(frame, target, size, seed=seed, what=what)].reset_index(drop=True)
+
+
+def stratified_positions(frame: pd.DataFrame, target: str, size: int, *, seed: int, what: str = "rows") -> np.ndarray:
+    """Where in ``frame`` (sorted positions) the rows of ``stratified_sample`` with the same arguments are.
+
+    What a caller needs to tell the sampled rows from the rest of the frame.
+    """
     size = check_int(what, size, minimum=1)
     if size > len(frame):
         raise TabconsInputError(f"{what}={size} is larger than the {len(frame)} rows available")
@@ -291,9 +299,14 @@ def stratified_sample(frame: pd.DataFrame, target: str, size: int, *, seed: int,
         rng.choice(np.flatnonzero(frame[target].to_numpy() == label), size=int(n), replace=False)
         for label, n in quota.items()
     ]
-    return frame.iloc[np.sort(np.concatenate(picked))].reset_index(drop=True)
+    return np.sort(np.concatenate(picked))
 
 
 def few_shot(frame: pd.DataFrame, target: str, shots: int, *, seed: int) -> pd.DataFrame:
     """The few-shot training set: ``shots`` stratified rows of the training table."""
-    return stratified_sample(frame, target, shots, seed=seed, what="shots")
+    return frame.iloc[few_shot_positions(frame, target, shots, seed=seed)].reset_index(drop=True)
+
+
+def few_shot_positions(frame: pd.DataFrame, target: str, shots: int, *, seed: int) -> np.ndarray:
+    """Where in the training table the rows of ``few_shot`` are: the rest were never trained on."""
+    return stratified_positions(frame, target, shots, seed=seed, what="shots")

@@ -123,8 +123,9 @@ def breaches(protocol: Protocol, evidence: Evidence) -> list[str]:
         breach("members_replaced", f"{evidence.members_replaced} of {evidence.members}",
                f"at most {protocol.max_replaced_fraction:g} of the members")
     if protocol.members_learned and not evidence.members_learned:
-        who = "the members must beat" if evidence.role == TRAINER else "the model must beat"
-        breach("members_learned", "false", f"{who} the majority rate on the evaluation rows")
+        who = "the members must beat the majority rate on the test rows" if evidence.role == TRAINER else (
+            "the model must beat the majority rate on the holdout")
+        breach("members_learned", "false", who)
     if protocol.evidence == "verified" and evidence.role != VERIFIER:
         breach("evidence", "signed by the trainer", "measured and signed by the verifier (`tabcons verify`)")
     if protocol.holdout_sha256 is not None and evidence.eval_digest != protocol.holdout_sha256:

@@ -27,7 +27,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from mlflow_tabcons.data.tables import split_dataset, stratified_sample
+from mlflow_tabcons.data.tables import few_shot_positions, split_dataset, stratified_positions, stratified_sample
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
 from mlflow_tabcons.evaluation.intervals import DEFAULT_RESAMPLES
 from mlflow_tabcons.evaluation.measures import assess_measures, ground_truth, json_ready, members_summary
@@ -75,9 +75,8 @@ def validation_subset(rows: EncodedRows, size: int, seed: int) -> EncodedRows:
     """A stratified sample of ``size`` rows (all of them if there are fewer)."""
     if size >= len(rows):
         return rows
-    frame = pd.DataFrame({"label": rows.labels, "index": np.arange(len(rows))})
-    chosen = np.sort(stratified_sample(frame, "label", size, seed=seed, what="calibration rows")["index"].to_numpy())
-    return rows.subset(chosen)
+    frame = pd.DataFrame({"label": rows.labels})
+    return rows.subset(stratified_positions(frame, "label", size, seed=seed, what="calibration rows"))
 
 
 def held_out_rows(config: TrainingConfig, data: PreparedData, size: int) -> EncodedRows:
@@ -89,7 +88,8 @@ def held_out_rows(config: TrainingConfig, data: PreparedData, size: int) -> Enco
     if len(data.validation) >= size:
         return validation_subset(data.validation, size, config.split_seed)
     split = split_dataset(data.dataset, seed=config.split_seed)
-    unused = split.train.drop(index=data.train_frame.index)
+    trained_on = few_shot_positions(split.train, data.dataset.target, config.shots, seed=config.split_seed)
+    unused = split.train.drop(index=split.train.index[trained_on])
     unused = stratified_sample(unused, data.dataset.target, min(size - len(data.validation), len(unused)),
                                seed=config.split_seed, what="calibration rows")
     extra = encode_frame(data.dataset, data.serializer, data.tokenizer, unused, config.train.max_length)
@@ -187,7 +187,7 @@ def run_calibration(config: TrainingConfig, grid: CalibrationGrid | None = None)
     configure_threads()
     data = prepare_data(config)
     rows = held_out_rows(config, data, grid.rows)
-    data = replace(data, evaluation=rows)  # members report their scores on the calibration rows
+    data = replace(data, evaluation=rows, test=rows)  # members report their scores on the calibration rows
     with mlflow.start_run(
         run_name=f"calibrate-{data.dataset.name}-{config.shots}shots", experiment_id=experiment_id_for(config.experiment)
     ) as run:

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from mlflow_tabcons.data.serialize import NUMBER_STYLES, NumberWords, RowSerializer
-from mlflow_tabcons.data.tables import TabularDataset, few_shot, load_dataset, split_dataset, stratified_sample
+from mlflow_tabcons.data.tables import TabularDataset, few_shot, load_dataset, split_dataset, stratified_positions
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.checkpoints import resolve_model_path
 from mlflow_tabcons.members.classifier import ANSWER_CUE, answer_token_ids, checkpoint_family, load_tokenizer, resolve_head
@@ -22,7 +22,14 @@ from mlflow_tabcons.tracking.config import TrainingConfig
 
 @dataclass
 class PreparedData:
-    """The dataset cut into what training and scoring read, serialized and tokenized."""
+    """The dataset cut into what training and scoring read, serialized and tokenized.
+
+    ``test`` holds every test row, the evaluation rows first: S is scored on the
+    evaluation rows (``eval_rows`` of them, a stratified sample, since each costs
+    k + 1 forward passes), while the members' accuracy and the test of whether
+    they learned read every test row (one pass each, and three times the rows
+    of a 100-row sample on a 1,000-row table).
+    """
 
     dataset: TabularDataset
     serializer: RowSerializer
@@ -30,9 +37,11 @@ class PreparedData:
     train_frame: pd.DataFrame
     validation_frame: pd.DataFrame
     eval_frame: pd.DataFrame
+    test_frame: pd.DataFrame
     train: EncodedRows
     validation: EncodedRows
     evaluation: EncodedRows
+    test: EncodedRows
     numbers: str  # how the serializer reads numbers (data.serialize.NUMBER_STYLES)
     family: str  # the base model's: encoder, decoder or encoder-decoder (members/families.py)
     answer_ids: list[int] | None  # the verbalizer's answer tokens, one per class; None for a linear head
@@ -68,14 +77,21 @@ def prepare_data(config: TrainingConfig) -> PreparedData:
     train_frame = few_shot(split.train, dataset.target, config.shots, seed=config.split_seed)
     if config.eval_rows and config.eval_rows > len(split.test):
         raise TabconsInputError(f"eval_rows={config.eval_rows} is larger than the {len(split.test)} test rows")
-    eval_frame = (
-        stratified_sample(split.test, dataset.target, config.eval_rows, seed=config.split_seed, what="eval_rows")
-        if config.eval_rows
-        else split.test
-    )
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path, checkpoint_family(model_path))
-    return serialized(dataset, tokenizer, train_frame, split.validation, eval_frame, config, number_styles(config, dataset)[0])
+    test_frame, n_eval = evaluation_rows_first(split.test, dataset.target, config.eval_rows, config.split_seed)
+    return serialized(
+        dataset, tokenizer, train_frame, split.validation, test_frame, n_eval, config, number_styles(config, dataset)[0]
+    )
+
+
+def evaluation_rows_first(test: pd.DataFrame, target: str, eval_rows: int, seed: int) -> tuple[pd.DataFrame, int]:
+    """The test rows reordered so that the ``eval_rows`` scored ones (a stratified sample; 0: all) come first, and how many."""
+    if not eval_rows:
+        return test, len(test)
+    scored = stratified_positions(test, target, eval_rows, seed=seed, what="eval_rows")
+    rest = np.setdiff1d(np.arange(len(test)), scored)
+    return test.iloc[np.concatenate([scored, rest])].reset_index(drop=True), len(scored)
 
 
 def serialized(
@@ -83,11 +99,13 @@ def serialized(
     tokenizer: Any,
     train_frame: pd.DataFrame,
     validation_frame: pd.DataFrame,
-    eval_frame: pd.DataFrame,
+    test_frame: pd.DataFrame,
+    n_eval: int,
     config: TrainingConfig,
     numbers: str,
 ) -> PreparedData:
-    """The three row sets serialized with ``numbers`` (quantile words are cut on the training rows) and tokenized."""
+    """The row sets serialized with ``numbers`` (quantile words are cut on the training rows) and tokenized;
+    the first ``n_eval`` test rows are the evaluation rows."""
     words = NumberWords.fit(train_frame, dataset.features) if numbers == "words" else None
     family = checkpoint_family(resolve_model_path(config.model))
     cue = ANSWER_CUE if family in GENERATIVE else None
@@ -99,9 +117,10 @@ def serialized(
     def encoded(frame: pd.DataFrame) -> EncodedRows:
         return encode_frame(dataset, serializer, tokenizer, frame, max_length)
 
+    test = encoded(test_frame)
     return PreparedData(
-        dataset, serializer, tokenizer, train_frame, validation_frame, eval_frame,
-        encoded(train_frame), encoded(validation_frame), encoded(eval_frame), numbers, family, answer_ids,
+        dataset, serializer, tokenizer, train_frame, validation_frame, test_frame.iloc[:n_eval], test_frame,
+        encoded(train_frame), encoded(validation_frame), test.subset(range(n_eval)), test, numbers, family, answer_ids,
     )
 
 
@@ -110,7 +129,8 @@ def with_numbers(data: PreparedData, config: TrainingConfig, numbers: str) -> Pr
     if numbers == data.numbers:
         return data
     return serialized(
-        data.dataset, data.tokenizer, data.train_frame, data.validation_frame, data.eval_frame, config, numbers
+        data.dataset, data.tokenizer, data.train_frame, data.validation_frame, data.test_frame, len(data.evaluation),
+        config, numbers,
     )
 
 
@@ -122,12 +142,12 @@ class TrainingOutcome:
     data: PreparedData
     trainer: EnsembleTrainer
     members: list[Member]
-    member_probabilities: np.ndarray  # (m, n, C) on the evaluation rows
+    member_probabilities: np.ndarray  # (m, n, C) on the evaluation rows (the first n test rows)
     scores: ConsistencyScores
     metrics: dict[str, float]
     rows: pd.DataFrame
     eval_prefix: list[torch.Tensor] | None  # the frozen layers' output on the evaluation rows, shared by all members
-    # whether the members beat the majority class on the evaluation rows (metrics.classification.members_learned)
+    # whether the members beat the majority class on the test rows (metrics.classification.members_learned)
     members_learned: bool = False
     # members that ranked the validation rows no better than chance and were replaced (members/admission.py)
     members_replaced: int = 0

@@ -48,7 +48,7 @@ REPLACED_MEMBER_TAG = "tabcons.replaced"  # on a member's own run: true when it 
 
 @dataclass
 class TrainedMembers:
-    """The ensemble as trained: members in seed order with their evaluation probabilities, and what fell out.
+    """The ensemble as trained: members in seed order with their test-row probabilities, and what fell out.
 
     ``failed``: seeds whose training raised; ``replaced``: seeds that ranked the
     validation rows no better than chance and were replaced (members/admission.py).
@@ -64,7 +64,7 @@ def train_ensemble_members(
     trainer: EnsembleTrainer,
     data: PreparedData,
     config: TrainingConfig,
-    eval_prefix: list[torch.Tensor] | None,
+    test_prefix: list[torch.Tensor] | None,
     finished: Mapping[int, Member] | None = None,
 ) -> TrainedMembers:
     """Train seeds 0 .. seeds - 1, each in its own child run, replacing members that did not learn.
@@ -72,7 +72,7 @@ def train_ensemble_members(
     A member that ranks the validation rows no better than chance is replaced by
     one trained with the next unused seed (seeds, seeds + 1, ...) while
     ``config.replacements`` allows; after that it is kept, and the stated test
-    on the evaluation rows judges the ensemble. Seeds in ``finished`` (members
+    on the test rows (``data.test``, whose frozen-prefix cache is ``test_prefix``) judges the ensemble. Seeds in ``finished`` (members
     reloaded by a resume) are reused, not retrained, and tested again the same way.
     """
     trained = TrainedMembers()
@@ -82,8 +82,8 @@ def train_ensemble_members(
         while True:
             replaceable = len(trained.replaced) < config.replacements
             result = (
-                _reloaded_member(trainer, data, eval_prefix, finished[seed], replaceable=replaceable) if seed in finished
-                else _new_member(trainer, data, config, eval_prefix, seed, replaceable=replaceable)
+                _reloaded_member(trainer, data, test_prefix, finished[seed], replaceable=replaceable) if seed in finished
+                else _new_member(trainer, data, config, test_prefix, seed, replaceable=replaceable)
             )
             if result is None:
                 trained.failed.append(seed)
@@ -110,14 +110,14 @@ def _is_replaced(admission: Admission, replaceable: bool) -> bool:
 
 
 def _reloaded_member(
-    trainer: EnsembleTrainer, data: PreparedData, eval_prefix: list[torch.Tensor] | None, member: Member, *,
+    trainer: EnsembleTrainer, data: PreparedData, test_prefix: list[torch.Tensor] | None, member: Member, *,
     replaceable: bool,
 ) -> tuple[Member, np.ndarray | None, Admission]:
-    """A member reloaded by a resume, tested again; its evaluation probabilities only when it stays."""
+    """A member reloaded by a resume, tested again; its test-row probabilities only when it stays."""
     admission = _admission(trainer, member)
     if _is_replaced(admission, replaceable):
         return member, None, admission
-    return member, trainer.predict_proba(member.classifier, data.evaluation, eval_prefix), admission
+    return member, trainer.predict_proba(member.classifier, data.test, test_prefix), admission
 
 
 def _admission(trainer: EnsembleTrainer, member: Member) -> Admission:
@@ -127,14 +127,14 @@ def _admission(trainer: EnsembleTrainer, member: Member) -> Admission:
 
 
 def _new_member(
-    trainer: EnsembleTrainer, data: PreparedData, config: TrainingConfig, eval_prefix: list[torch.Tensor] | None,
+    trainer: EnsembleTrainer, data: PreparedData, config: TrainingConfig, test_prefix: list[torch.Tensor] | None,
     seed: int, *, replaceable: bool,
 ) -> tuple[Member, np.ndarray, Admission] | None:
     """Train seed ``seed`` in its own child run; None when training fails (the child run is marked FAILED).
 
     The child run is tagged ``tabcons.replaced=true`` when the member did not learn and ``replaceable`` lets it go.
     """
-    labels = data.evaluation.labels
+    labels = data.test.labels
     baseline = majority_rate(labels)
     try:
         with mlflow.start_run(run_name=f"seed-{seed}", nested=True, experiment_id=mlflow.active_run().info.experiment_id):
@@ -146,7 +146,7 @@ def _new_member(
                 )
             )
             admission = _admission(trainer, member)
-            member_probabilities = trainer.predict_proba(member.classifier, data.evaluation, eval_prefix)
+            member_probabilities = trainer.predict_proba(member.classifier, data.test, test_prefix)
             scores = classification_scores(labels, member_probabilities)
             learned = scores["accuracy"] > baseline
             mlflow.log_metrics({
@@ -221,8 +221,11 @@ def per_row_table(
 def ensemble_metrics(
     labels: np.ndarray, members: list[Member], member_probabilities: np.ndarray, scores: ConsistencyScores
 ) -> dict[str, float]:
-    member_labels = member_probabilities.argmax(axis=2)
-    class_probabilities = multiplicity.class_probabilities(member_probabilities, scores.predicted)
+    """What the parent run logs: accuracy and the learning test on every test row (``labels``, ``member_probabilities``
+    (m, n_test, C)); multiplicity and certification on the scored rows, the first ``len(scores.predicted)`` of them."""
+    scored = member_probabilities[:, : len(scores.predicted)]
+    member_labels = scored.argmax(axis=2)
+    class_probabilities = multiplicity.class_probabilities(scored, scores.predicted)
     metrics: dict[str, float] = {}
     per_member = [classification_scores(labels, p) for p in member_probabilities]
     for name in ("accuracy", "balanced_accuracy", "auroc"):
@@ -251,10 +254,10 @@ def ensemble_metrics(
 
 
 def baseline_metrics(data: PreparedData) -> dict[str, float]:
-    """The classical baselines fit on the members' training rows, scored on the evaluation rows."""
+    """The classical baselines fit on the members' training rows, scored on the test rows the members are judged on."""
     dataset = data.dataset
     scores = classical_baselines(
-        data.train_frame, data.train.labels, data.eval_frame, data.evaluation.labels,
+        data.train_frame, data.train.labels, data.test_frame, data.test.labels,
         dataset.features, num_classes=len(dataset.labels),
     )
     return {k: v for k, v in scores.items() if np.isfinite(v)}
@@ -335,17 +338,19 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
     config = replace(config, train=config.train.for_head(resolve_head(config.train.head, data.family)))  # logged as trained
     initialize_tracking_store()
     with _open_parent(config, data, resume_run_id) as parent:
-        _log_new_params(parent, {"n_train": len(data.train), "n_eval": len(data.evaluation), "labels": ",".join(map(str, data.dataset.labels))})
+        _log_new_params(parent, {"n_train": len(data.train), "n_eval": len(data.evaluation), "n_test": len(data.test),
+                                 "labels": ",".join(map(str, data.dataset.labels))})
         device = default_device()
         base = load_base_model(resolve_model_path(config.model))
         reopened = mlflow.get_run(parent.info.run_id) if resume_run_id else None
         config, data = choose_recipe(config, data, base, device=device, resumed=reopened)  # the members' own recipe
         trainer = build_trainer(config, data, device, base=base)
         _log_new_params(parent, member_description(trainer, data))
-        eval_prefix = trainer.prefix_for(data.evaluation)
+        test_prefix = trainer.prefix_for(data.test)
+        eval_prefix = None if test_prefix is None else test_prefix[: len(data.evaluation)]
         finished = resume.reopen_children(reopened, trainer).members if reopened else {}
         started = time.perf_counter()
-        trained = train_ensemble_members(trainer, data, config, eval_prefix, finished)
+        trained = train_ensemble_members(trainer, data, config, test_prefix, finished)
         members = trained.members
         seconds_train = time.perf_counter() - started
         mlflow.log_metrics({"members_succeeded": len(members), "members_failed": len(trained.failed),
@@ -364,8 +369,9 @@ def run_training(config: TrainingConfig, resume_run_id: str | None = None) -> Tr
         started = time.perf_counter()
         scores = scorer.score(data.evaluation.input_ids, value_masks=data.evaluation.value_masks, progress=True)
         seconds_score = time.perf_counter() - started
-        member_probabilities = np.stack(trained.probabilities)
-        metrics = ensemble_metrics(data.evaluation.labels, members, member_probabilities, scores)
+        test_probabilities = np.stack(trained.probabilities)
+        member_probabilities = test_probabilities[:, : len(data.evaluation)]
+        metrics = ensemble_metrics(data.test.labels, members, test_probabilities, scores)
         metrics.update(seconds_train=seconds_train, seconds_score=seconds_score)  # the cost the score replaces, and its own
         metrics.update(baseline_metrics(data))
         mlflow.log_metrics(metrics)
