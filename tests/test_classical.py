@@ -7,7 +7,8 @@ import pytest
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.evaluation.classical import classical_baselines, numeric_columns
 
-KEYS = {"baseline_logistic_accuracy", "baseline_logistic_auroc", "baseline_boosting_accuracy", "baseline_boosting_auroc"}
+KEYS = {"baseline_logistic_accuracy", "baseline_logistic_auroc", "baseline_boosting_accuracy", "baseline_boosting_auroc",
+        "baseline_logistic_majority_pvalue", "baseline_boosting_majority_pvalue"}
 
 
 def _table(n: int, seed: int) -> tuple[pd.DataFrame, np.ndarray]:
@@ -27,6 +28,16 @@ def test_both_models_learn_a_learnable_table():
     assert set(scores) == KEYS
     assert scores["baseline_logistic_accuracy"] > 0.85 and scores["baseline_logistic_auroc"] > 0.9
     assert scores["baseline_boosting_accuracy"] > 0.85 and scores["baseline_boosting_auroc"] > 0.9
+    assert scores["baseline_logistic_majority_pvalue"] < 1e-6 and scores["baseline_boosting_majority_pvalue"] < 1e-6
+
+
+def test_on_labels_unrelated_to_the_features_no_baseline_beats_the_majority_class():
+    train, _ = _table(200, 0)
+    evaluation, _ = _table(300, 1)
+    rng = np.random.default_rng(2)
+    y_train, y_eval = (rng.random(200) < 0.3).astype(np.int64), (rng.random(300) < 0.3).astype(np.int64)
+    scores = classical_baselines(train, y_train, evaluation, y_eval, ["income", "colour", "noise"])
+    assert scores["baseline_logistic_majority_pvalue"] > 0.1 and scores["baseline_boosting_majority_pvalue"] > 0.1
 
 
 def test_missing_values_unseen_categories_and_booleans_are_handled():

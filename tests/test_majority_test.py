@@ -60,3 +60,12 @@ def test_bad_input_is_named():
         mcnemar_vs_majority(np.zeros(3, dtype=np.int64), np.zeros(4, dtype=np.int64))
     with pytest.raises(TabconsInputError, match="alpha"):
         members_learned(np.zeros(3, dtype=np.int64), np.full((2, 3, 2), 0.5), alpha=0.0)
+
+
+def test_the_cli_says_whether_a_classical_baseline_passes_the_same_test():
+    from mlflow_tabcons.cli.train import baselines_on_the_test
+
+    neither = baselines_on_the_test({"baseline_logistic_majority_pvalue": 0.048, "baseline_boosting_majority_pvalue": 0.144})
+    assert neither.startswith("neither classical baseline passes") and "logistic regression p = 0.048" in neither
+    one = baselines_on_the_test({"baseline_logistic_majority_pvalue": 0.3, "baseline_boosting_majority_pvalue": 0.014})
+    assert one.startswith("a classical baseline passes") and "gradient boosting p = 0.014" in one and "level 0.025" in one

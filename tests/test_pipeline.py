@@ -45,7 +45,8 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     for key in (f"accuracy_seed_{kept[0]}", f"accuracy_seed_{kept[1]}", "accuracy_mean", "arbitrariness", "mean_pairwise_disagreement",
                 "mean_prediction_variance", "mean_prediction_range", "certified_fraction", "certified_fraction_lower",
                 "certified_fraction_upper", "members_succeeded", "balanced_accuracy_mean", "majority_rate",
-                "baseline_logistic_accuracy", "baseline_logistic_auroc", "baseline_boosting_accuracy", "baseline_boosting_auroc"):
+                "baseline_logistic_accuracy", "baseline_logistic_auroc", "baseline_boosting_accuracy", "baseline_boosting_auroc",
+                "baseline_logistic_majority_pvalue", "baseline_boosting_majority_pvalue"):
         assert key in metrics, key
     assert metrics["members_succeeded"] == 2
     # accuracy and the learning test read every test row; S only the 20 scored ones
@@ -81,6 +82,8 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
     assert metrics["arbitrariness"] == pytest.approx(float((table["pairwise_disagreement"] > 0).mean()))
     assert "certified fraction" in result.output
     assert f"logistic regression accuracy {metrics['baseline_logistic_accuracy']:.3f}" in result.output
+    pvalue = f"logistic regression p = {metrics['baseline_logistic_majority_pvalue']:.3f}"
+    assert (pvalue in result.output) == (metrics["members_learned"] == 0.0)
 
 
 def test_the_scored_rows_come_first_and_every_test_row_is_kept():

@@ -20,7 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, OrdinalEncoder, StandardScaler
 
 from mlflow_tabcons.errors import TabconsInputError, check_array
-from mlflow_tabcons.metrics.classification import classification_scores
+from mlflow_tabcons.metrics.classification import classification_scores, mcnemar_vs_majority
 
 BASELINES = ("logistic", "boosting")
 
@@ -95,7 +95,9 @@ def classical_baselines(
     num_classes: int | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
-    """``baseline_{logistic,boosting}_{accuracy,auroc}`` of both models fit on ``train``, scored on ``evaluation``."""
+    """``baseline_{logistic,boosting}_{accuracy,auroc,majority_pvalue}`` of both models fit on ``train``, scored on
+    ``evaluation``; the p-value is the members' own test against the majority class (``mcnemar_vs_majority``), so a
+    run shows whether its rows could reveal a gain at all."""
     train_labels = check_array("train_labels", train_labels, ndim=1, min_shape=(1,), dtype=np.int64)
     eval_labels = check_array("eval_labels", eval_labels, ndim=1, min_shape=(1,), dtype=np.int64)
     features = list(features)
@@ -115,7 +117,9 @@ def classical_baselines(
     metrics: dict[str, float] = {}
     for name, build in (("logistic", logistic_model), ("boosting", boosting_model)):
         model = build(features, numeric, seed).fit(x_train, train_labels)
-        scores = classification_scores(eval_labels, _class_probabilities(model, x_eval, num_classes))
+        probabilities = _class_probabilities(model, x_eval, num_classes)
+        scores = classification_scores(eval_labels, probabilities)
         metrics[f"baseline_{name}_accuracy"] = scores["accuracy"]
         metrics[f"baseline_{name}_auroc"] = scores["auroc"]
+        metrics[f"baseline_{name}_majority_pvalue"] = mcnemar_vs_majority(eval_labels, probabilities.argmax(axis=1))
     return metrics

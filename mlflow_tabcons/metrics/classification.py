@@ -103,7 +103,14 @@ def mcnemar_vs_majority(labels: np.ndarray, predicted: np.ndarray) -> float:
     return float(binomtest(b, b + c, 0.5, alternative="greater").pvalue)
 
 
-def members_learned(labels: np.ndarray, member_probabilities: np.ndarray, alpha: float = 0.05) -> tuple[bool, np.ndarray]:
+# The stated test's level: the members learned when half of them pass at LEARNING_ALPHA / 2 each.
+LEARNING_ALPHA = 0.05
+MEMBER_LEVEL = LEARNING_ALPHA / 2
+
+
+def members_learned(
+    labels: np.ndarray, member_probabilities: np.ndarray, alpha: float = LEARNING_ALPHA
+) -> tuple[bool, np.ndarray]:
     """Whether the members learned more than the majority class, and each member's McNemar p-value.
 
     The stated test (docs/recipe.md): at least half of the members beat the
