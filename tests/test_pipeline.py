@@ -95,6 +95,10 @@ def test_the_scored_rows_come_first_and_every_test_row_is_kept():
     pd.testing.assert_frame_equal(frame.sort_values(columns).reset_index(drop=True), test.sort_values(columns).reset_index(drop=True))
     whole, scored = evaluation_rows_first(test, "type", 0, seed=3)
     assert whole is test and scored == len(test)
+    capped, scored = evaluation_rows_first(test, "type", 20, seed=3, max_rows=50)
+    assert scored == 20 and len(capped) == 50 and not capped.duplicated().any()
+    pd.testing.assert_frame_equal(capped.iloc[:20], frame.iloc[:20])
+    assert len(capped.merge(test)) == 50  # every kept row is a test row
 
 
 def test_a_fixed_recipe_trains_every_member_as_configured(tracking_uri, tiny_model_dir):

@@ -72,8 +72,9 @@ def train_ensemble_members(
     A member that ranks the validation rows no better than chance is replaced by
     one trained with the next unused seed (seeds, seeds + 1, ...) while
     ``config.replacements`` allows; after that it is kept, and the stated test
-    on the test rows (``data.test``, whose frozen-prefix cache is ``test_prefix``) judges the ensemble. Seeds in ``finished`` (members
-    reloaded by a resume) are reused, not retrained, and tested again the same way.
+    on the test rows (``data.test``, whose frozen-prefix cache is ``test_prefix``)
+    judges the ensemble. Seeds in ``finished`` (members reloaded by a resume) are
+    reused, not retrained, and tested again the same way.
     """
     trained = TrainedMembers()
     finished = finished or {}
