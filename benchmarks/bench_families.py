@@ -55,12 +55,13 @@ def seconds_per_forward_row(classifier, input_ids) -> float:
     return (time.perf_counter() - started) / len(input_ids)
 
 
-def seconds_per_scored_row(config, member, input_ids, site: str, k: int) -> float:
-    scorer_settings = ScorerSettings(k=k, perturb=site)
+def scored_rows(config, member, input_ids, site: str, k: int, precision: str = "float32"):
+    """The rows' scores as the scorer computes them, and the seconds per row."""
+    scorer_settings = ScorerSettings(k=k, perturb=site, precision=precision)
     scorer = ConsistencyScorer(reference_backend(member, config.train, scorer_settings, "cpu"), scorer_settings)
     started = time.perf_counter()
-    scorer.score(input_ids)
-    return (time.perf_counter() - started) / len(input_ids)
+    scores = scorer.score(input_ids)
+    return scores, (time.perf_counter() - started) / len(input_ids)
 
 
 def main() -> None:
@@ -84,7 +85,7 @@ def main() -> None:
             member_seconds[model].append(time.perf_counter() - started)
             forward[model].append(seconds_per_forward_row(member.classifier, data.evaluation.input_ids))
             for site in SITES:
-                scored[model][site].append(seconds_per_scored_row(config, member, data.evaluation.input_ids, site, args.k))
+                scored[model][site].append(scored_rows(config, member, data.evaluation.input_ids, site, args.k)[1])
     result = {
         "machine": machine(),
         "settings": {key: value for key, value in vars(args).items() if key != "out"},
