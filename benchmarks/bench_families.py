@@ -39,11 +39,16 @@ MODELS = ("minilm", "smollm2")
 SITES = ("embeddings", "hidden")
 
 
-def setup(model: str, args: argparse.Namespace):
+def prepared(model: str, args: argparse.Namespace):
+    """The fixed-recipe configuration and its credit-g rows."""
     train = TrainSettings(epochs=args.epochs, lora=LoraSettings(layers=3))
     config = TrainingConfig(data="credit-g", model=model, shots=args.shots, eval_rows=args.rows, train=train,
                             register=None, recipe="fixed")
-    data = prepare_data(config)
+    return config, prepare_data(config)
+
+
+def setup(model: str, args: argparse.Namespace):
+    config, data = prepared(model, args)
     return config, data, build_trainer(config, data, "cpu", validate=False)
 
 

@@ -23,9 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_families import scored_rows, setup  # noqa: E402
+from bench_families import prepared, scored_rows  # noqa: E402
 from common import RESULTS, machine, write_result  # noqa: E402
 
+from mlflow_tabcons.members.checkpoints import resolve_model_path  # noqa: E402
+from mlflow_tabcons.members.classifier import load_base_model  # noqa: E402
 from mlflow_tabcons.runtime import configure_threads  # noqa: E402
 from mlflow_tabcons.tracking.training_job import build_trainer  # noqa: E402
 
@@ -42,11 +44,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "precision.json"))
     args = parser.parse_args()
     configure_threads()
-    config, data, trainer = setup(args.model, args)
+    config, data = prepared(args.model, args)
+    base = load_base_model(resolve_model_path(config.model))
     member_seconds, members = {}, {}
     for precision in PRECISIONS:
         settings = replace(config.train, precision=precision)
-        trainer = build_trainer(replace(config, train=settings), data, "cpu", base=trainer.base, validate=False)
+        trainer = build_trainer(replace(config, train=settings), data, "cpu", base=base, validate=False)
         started = time.perf_counter()
         members[precision] = trainer.train_member(0)
         member_seconds[precision] = time.perf_counter() - started
