@@ -108,9 +108,12 @@ def test_the_class_prior_is_the_validation_accuracy_argmax_over_the_weights():
     # the negatives at 0.55-0.64 (log odds up to 0.58) need a weight above 0.52, the positive at 0.70 (0.85) one
     # below 0.77: of the grid only 0.75 decides all 8 right; 1.0 loses the positive, 0.5 the negative at 0.64
     assert best_class_prior(probabilities, labels, train_labels, "balanced", configured=1.0) == 0.75
-    # trained without weights the head already assumes the data prior: a weight of 1 leaves it as trained
-    shift = prior_shift(train_labels, 2, "none", 1.0)
-    assert np.allclose(shift, 0.0) and best_class_prior(probabilities, labels, train_labels, "none", 1.0) in PRIOR_WEIGHTS
+    # trained without weights the head already assumes the data prior: a weight of 1 leaves it as trained, and
+    # the threshold that decides all 8 right lies beyond it (a weight above 1), between 0.64 and 0.70
+    assert np.allclose(prior_shift(train_labels, 2, "none", 1.0), 0.0)
+    weight = best_class_prior(probabilities, labels, train_labels, "none", 1.0)
+    shifted = np.log(probabilities) + prior_shift(train_labels, 2, "none", weight)
+    assert weight > 1.0 and np.argmax(shifted, axis=1).tolist() == labels.tolist()
 
 
 def test_a_class_prior_tie_keeps_the_configured_weight_then_the_larger():
@@ -120,6 +123,35 @@ def test_a_class_prior_tie_keeps_the_configured_weight_then_the_larger():
     assert best_class_prior(separable, labels, train_labels, "balanced", configured=0.3) == 0.3
     flat = np.full((2, 2), 0.5)  # both rows tie whatever the weight: 1 of 2 right
     assert best_class_prior(flat, np.array([0, 0]), train_labels, "balanced", configured=1.0) == 1.0
+
+
+def test_between_two_classes_the_threshold_may_leave_the_grid_for_answer_scores_beyond_it():
+    """A verbalizer member that leans to class 1 for every row (score differences 1.6-2.3) but ranks them:
+    no weight in [0, 1] answers class 0 for any row, a cut on the whole line separates the classes."""
+    train_labels = np.array([0, 0, 1] * 6)  # prior 2:1: a weight of 1 lowers class 1's log odds by 0.69
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    differences = np.array([1.6, 1.7, 1.8, 1.9, 2.2, 2.3])  # log p1 - log p0 as trained
+    probabilities = np.stack([np.ones(6), np.exp(differences)], axis=1)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    log_prior = np.log([2 / 3, 1 / 3])
+    decide = lambda weight: np.argmax(np.log(probabilities) + weight * log_prior, axis=1)  # noqa: E731
+    assert all(decide(weight).tolist() == [1] * 6 for weight in PRIOR_WEIGHTS)  # the grid: 2 of 6 right
+    weight = best_class_prior(probabilities, labels, train_labels, "balanced", configured=1.0)
+    assert decide(weight).tolist() == labels.tolist()
+    # the cut sits midway between the last negative (1.9) and the first positive (2.2)
+    assert weight * np.log(2) == pytest.approx(2.05)
+    # among the cuts that decide as well, the one nearest the configured weight; the grid wins ties
+    assert best_class_prior(probabilities, np.ones(6, dtype=int), train_labels, "balanced", configured=1.0) == 1.0
+    # three classes: the grid alone
+    three = np.array([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    assert best_class_prior(three, np.array([0, 2]), np.array([0, 0, 1, 2]), "balanced", 1.0) in PRIOR_WEIGHTS
+
+
+def test_a_tuned_weight_beyond_the_grid_moves_the_bias_like_any_other():
+    head = torch.nn.Linear(4, 2)
+    torch.nn.init.constant_(head.bias, 0.0)
+    adjust_class_prior(head, np.array([0, 0, 1]), 2, "balanced", 2.5)
+    np.testing.assert_allclose(head.bias.detach().numpy(), 2.5 * np.log([2 / 3, 1 / 3]), rtol=1e-6)
 
 
 def test_a_member_tunes_its_class_prior_on_the_validation_rows_and_keeps_it_in_its_head(parts):

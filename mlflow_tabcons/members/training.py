@@ -197,9 +197,17 @@ def prior_shift(labels: np.ndarray, num_labels: int, class_weight: str, class_pr
     a fraction of it moves the decision threshold part of the way, which is
     what each member tunes on the validation rows (``best_class_prior``).
     """
-    trained_for = CLASS_PRIORS["uniform" if class_weight == "balanced" else "data"]
+    return (class_prior - _trained_for(class_weight)) * _log_class_frequencies(labels, num_labels)
+
+
+def _trained_for(class_weight: str) -> float:
+    """The class-prior weight the loss trains for: balanced weights train for a uniform prior."""
+    return CLASS_PRIORS["uniform" if class_weight == "balanced" else "data"]
+
+
+def _log_class_frequencies(labels: np.ndarray, num_labels: int) -> np.ndarray:
     counts = np.bincount(labels, minlength=num_labels).astype(np.float64)
-    return (class_prior - trained_for) * np.log(np.maximum(counts, 0.5) / counts.sum())
+    return np.log(np.maximum(counts, 0.5) / counts.sum())
 
 
 # Class-prior weights a member weighs on the validation rows: 1 the data's class frequencies, 0 uniform.
@@ -213,23 +221,45 @@ def best_class_prior(
 
     The weight is a decision threshold, fitted to each member's own logit scale: one member of an
     ensemble can end training with logits so flat that the full data prior sends every row to the
-    majority class while its ranking is as good as its peers' (docs/recipe.md). A tie keeps
-    ``configured``, then the larger weight (closer to calibrated probabilities).
+    majority class while its ranking is as good as its peers' (docs/recipe.md). Between two classes a
+    verbalizer member's answer scores can also sit beyond every weight in [0, 1] (the base model leans to
+    one label word), so there the weight that cuts between any two neighbouring validation rows is a
+    candidate too (``line_weights``). A tie keeps ``configured``, then the weights of ``PRIOR_WEIGHTS`` in
+    order, then the weight nearest ``configured``: the threshold leaves the grid only for decisions that
+    are strictly more accurate on the held-out rows.
     """
-    candidates = (configured, *(w for w in PRIOR_WEIGHTS if w != configured))
     log_p = np.log(np.maximum(probabilities, 1e-12))
+    log_prior = _log_class_frequencies(train_labels, probabilities.shape[1])
+    trained_for = _trained_for(class_weight)
+    line = sorted(line_weights(log_p, log_prior, trained_for), key=lambda weight: abs(weight - configured))
+    candidates = (configured, *(w for w in PRIOR_WEIGHTS if w != configured), *line)
     accuracy = {
-        weight: float(np.mean(np.argmax(log_p + prior_shift(train_labels, probabilities.shape[1], class_weight, weight), axis=1) == labels))
+        weight: float(np.mean(np.argmax(log_p + (weight - trained_for) * log_prior, axis=1) == labels))
         for weight in candidates
     }
     best = max(accuracy.values())
     return next(weight for weight in candidates if accuracy[weight] == best)
 
 
+def line_weights(log_p: np.ndarray, log_prior: np.ndarray, trained_for: float) -> list[float]:
+    """For two classes, the weights whose thresholds cut between neighbouring answer-score differences of
+    the rows ``log_p`` and beyond both ends. None for three classes or more, nor where the training rows'
+    classes are balanced (a weight then moves nothing)."""
+    slope = log_prior[-1] - log_prior[0]
+    if log_p.shape[1] != 2 or abs(slope) < 1e-9:
+        return []
+    differences = np.unique(log_p[:, 1] - log_p[:, 0])
+    cuts = np.concatenate([[differences[0] - 1.0], (differences[1:] + differences[:-1]) / 2, [differences[-1] + 1.0]])
+    # class 1 wins where difference + (weight - trained_for) * slope > 0, so the threshold sits at the cut when
+    return [float(trained_for - cut / slope) for cut in cuts]
+
+
 @torch.no_grad()
-def adjust_class_prior(head: nn.Linear, labels: np.ndarray, num_labels: int, class_weight: str, class_prior: float) -> None:
-    """Move the head's bias from the prior the loss trained for to ``class_prior`` (see ``prior_shift``)."""
-    shift = prior_shift(labels, num_labels, class_weight, class_prior_weight(class_prior))
+def adjust_class_prior(head: nn.Linear, labels: np.ndarray, num_labels: int, class_weight: str, class_prior: str | float) -> None:
+    """Move the head's bias from the prior the loss trained for to ``class_prior`` (see ``prior_shift``): a name
+    or a weight, which a member's tuning (``best_class_prior``) may put outside [0, 1]."""
+    weight = class_prior_weight(class_prior) if isinstance(class_prior, str) else float(class_prior)
+    shift = prior_shift(labels, num_labels, class_weight, weight)
     head.bias += torch.tensor(shift, dtype=head.bias.dtype, device=head.bias.device)
 
 
