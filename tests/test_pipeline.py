@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from mlflow_tabcons.cli import cli
-from mlflow_tabcons.data.tables import load_dataset, split_dataset, stratified_sample
+from mlflow_tabcons.data.tables import few_shot, load_dataset, outside_few_shot, split_dataset, stratified_sample
 from mlflow_tabcons.members.training import EnsembleTrainer, TrainSettings
 from mlflow_tabcons.tracking.prepared import evaluation_rows_first
 
@@ -49,12 +49,15 @@ def test_train_logs_parent_children_metrics_table_and_plots(tracking_uri, tiny_m
                 "baseline_logistic_majority_pvalue", "baseline_boosting_majority_pvalue"):
         assert key in metrics, key
     assert metrics["members_succeeded"] == 2
-    # accuracy and the learning test read every test row; S only the 20 scored ones
-    test_labels = split_dataset(load_dataset("diabetes")).test["type"]
+    # accuracy and the learning test read every row no member saw (the test split and the training split
+    # outside the shots); S only the 20 scored ones
+    split = split_dataset(load_dataset("diabetes"))
+    unseen = outside_few_shot(split.train, "type", 24, seed=0)
+    test_labels = pd.concat([split.test["type"], unseen["type"]])
     assert parent.data.params["n_test"] == str(len(test_labels)) and parent.data.params["n_eval"] == "20"
     assert metrics["majority_rate"] == pytest.approx(float(test_labels.value_counts(normalize=True).max()))
     assert metrics[f"accuracy_seed_{kept[0]}"] * len(test_labels) == pytest.approx(round(metrics[f"accuracy_seed_{kept[0]}"] * len(test_labels)))
-    assert f"on {len(test_labels)} test rows; on the 20 scored" in result.output
+    assert f"on {len(test_labels)} unseen rows; on the 20 scored" in result.output
     assert parent.data.tags["tabcons.members_learned"] == ("true" if metrics["members_learned"] == 1.0 else "false")
     assert 0.0 <= metrics[f"majority_test_pvalue_seed_{kept[0]}"] <= 1.0
     assert metrics["certified_fraction_lower"] <= metrics["certified_fraction"] <= metrics["certified_fraction_upper"]
@@ -94,11 +97,25 @@ def test_the_scored_rows_come_first_and_every_test_row_is_kept():
     columns = list(test.columns)
     pd.testing.assert_frame_equal(frame.sort_values(columns).reset_index(drop=True), test.sort_values(columns).reset_index(drop=True))
     whole, scored = evaluation_rows_first(test, "type", 0, seed=3)
-    assert whole is test and scored == len(test)
+    pd.testing.assert_frame_equal(whole, test)
+    assert scored == len(test)
     capped, scored = evaluation_rows_first(test, "type", 20, seed=3, max_rows=50)
     assert scored == 20 and len(capped) == 50 and not capped.duplicated().any()
     pd.testing.assert_frame_equal(capped.iloc[:20], frame.iloc[:20])
     assert len(capped.merge(test)) == 50  # every kept row is a test row
+
+
+def test_the_members_are_also_judged_on_the_training_rows_outside_the_shots():
+    split = split_dataset(load_dataset("diabetes"))
+    shots, unseen = few_shot(split.train, "type", 24, seed=0), outside_few_shot(split.train, "type", 24, seed=0)
+    assert len(shots) + len(unseen) == len(split.train) and shots.merge(unseen).empty
+    frame, scored = evaluation_rows_first(split.test, "type", 20, seed=3, unseen=unseen[list(reversed(unseen.columns))])
+    assert scored == 20 and len(frame) == len(split.test) + len(unseen) and list(frame.columns) == list(split.test.columns)
+    pd.testing.assert_frame_equal(frame.iloc[:20], stratified_sample(split.test, "type", 20, seed=3))
+    assert len(frame.merge(shots)) == 0  # never a row a member trained on
+    assert len(frame.iloc[:20].merge(unseen)) == 0  # S keeps to the test split
+    capped, _ = evaluation_rows_first(split.test, "type", 20, seed=3, max_rows=200, unseen=unseen)
+    assert len(capped) == 200 and not capped.duplicated().any() and 0 < len(capped.iloc[20:].merge(unseen)) < 180
 
 
 def test_a_fixed_recipe_trains_every_member_as_configured(tracking_uri, tiny_model_dir):

@@ -148,7 +148,7 @@ def test_the_cheat_of_the_issue_is_refused_naming_every_breach():
         "protocol breach: tau -0.9 (policy: at least 0.5; certified must mean the label survives)",
         "protocol breach: alpha 0.5 (policy: at most 0.05)",
         "protocol breach: k 16 (policy: at least 64)",
-        "protocol breach: members_learned false (policy: the members must beat the majority rate on the test rows)",
+        "protocol breach: members_learned false (policy: the members must beat the majority rate on the rows they never saw)",
     )
     # the interval on: lower reads is the policy's 95% one, not the evidence's 50%: 60 of 60 -> 0.9404
     assert verdict.checks[0].describe() == "min_certified_fraction (lower end of the policy's 95% interval): 0.9404 >= 0.9000"

@@ -45,19 +45,19 @@ def train(resume_run_id: str | None, **options: object) -> None:
     replaced = f" ({outcome.members_replaced} in place of seeds that did not learn)" if outcome.members_replaced else ""
     click.echo(
         f"parent run {outcome.parent_run_id}: {len(outcome.members)} members{replaced}, "
-        f"accuracy {metrics['accuracy_mean']:.3f} (majority {metrics['majority_rate']:.3f}) on {len(outcome.data.test)} test rows; "
+        f"accuracy {metrics['accuracy_mean']:.3f} (majority {metrics['majority_rate']:.3f}) on {len(outcome.data.test)} unseen rows; "
         f"on the {len(outcome.data.evaluation)} scored: arbitrariness {metrics['arbitrariness']:.3f}, "
         f"certified fraction {metrics['certified_fraction']:.3f} "
         f"[{metrics['certified_fraction_lower']:.3f}, {metrics['certified_fraction_upper']:.3f}]"
     )
     if not outcome.members_learned:
         click.echo(
-            "the members do not beat the majority class on the test rows (exact McNemar test, docs/recipe.md): "
+            "the members do not beat the majority class on the unseen rows (exact McNemar test, docs/recipe.md): "
             "their multiplicity is noise, and the registered version's evidence says so"
         )
         click.echo(baselines_on_the_test(metrics))
     click.echo(
-        f"classical baselines on the same test rows: logistic regression accuracy {metrics['baseline_logistic_accuracy']:.3f} "
+        f"classical baselines on the same unseen rows: logistic regression accuracy {metrics['baseline_logistic_accuracy']:.3f} "
         f"(AUROC {metrics.get('baseline_logistic_auroc', float('nan')):.3f}), gradient boosting accuracy "
         f"{metrics['baseline_boosting_accuracy']:.3f} (AUROC {metrics.get('baseline_boosting_auroc', float('nan')):.3f}); "
         f"members' AUROC {metrics.get('auroc_mean', float('nan')):.3f}"
@@ -78,4 +78,4 @@ def baselines_on_the_test(metrics: dict[str, float]) -> str:
     if any(p <= MEMBER_LEVEL for p in pvalues.values()):
         return f"a classical baseline passes the same test ({listed}; level {MEMBER_LEVEL:g}): these rows hold signal the members missed"
     return (f"neither classical baseline passes the same test either ({listed}; level {MEMBER_LEVEL:g}): "
-            "on these test rows a gain over the majority class this small cannot be told from noise")
+            "on these rows a gain over the majority class this small cannot be told from noise")

@@ -310,3 +310,8 @@ def few_shot(frame: pd.DataFrame, target: str, shots: int, *, seed: int) -> pd.D
 def few_shot_positions(frame: pd.DataFrame, target: str, shots: int, *, seed: int) -> np.ndarray:
     """Where in the training table the rows of ``few_shot`` are: the rest were never trained on."""
     return stratified_positions(frame, target, shots, seed=seed, what="shots")
+
+
+def outside_few_shot(frame: pd.DataFrame, target: str, shots: int, *, seed: int) -> pd.DataFrame:
+    """The training table's rows that ``few_shot`` with the same arguments leaves out: no member trains on them."""
+    return frame.drop(index=frame.index[few_shot_positions(frame, target, shots, seed=seed)]).reset_index(drop=True)

@@ -123,7 +123,7 @@ def breaches(protocol: Protocol, evidence: Evidence) -> list[str]:
         breach("members_replaced", f"{evidence.members_replaced} of {evidence.members}",
                f"at most {protocol.max_replaced_fraction:g} of the members")
     if protocol.members_learned and not evidence.members_learned:
-        who = "the members must beat the majority rate on the test rows" if evidence.role == TRAINER else (
+        who = "the members must beat the majority rate on the rows they never saw" if evidence.role == TRAINER else (
             "the model must beat the majority rate on the holdout")
         breach("members_learned", "false", who)
     if protocol.evidence == "verified" and evidence.role != VERIFIER:

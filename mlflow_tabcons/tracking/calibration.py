@@ -27,7 +27,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from mlflow_tabcons.data.tables import few_shot_positions, split_dataset, stratified_positions, stratified_sample
+from mlflow_tabcons.data.tables import outside_few_shot, split_dataset, stratified_positions, stratified_sample
 from mlflow_tabcons.errors import TabconsInputError, check_choice, check_float, check_int
 from mlflow_tabcons.evaluation.intervals import DEFAULT_RESAMPLES
 from mlflow_tabcons.evaluation.measures import assess_measures, ground_truth, json_ready, members_summary
@@ -80,16 +80,17 @@ def validation_subset(rows: EncodedRows, size: int, seed: int) -> EncodedRows:
 
 
 def held_out_rows(config: TrainingConfig, data: PreparedData, size: int) -> EncodedRows:
-    """``size`` rows no member trained on and the evaluation never reads.
+    """``size`` rows no member trained on and the evaluation of S never reads.
 
     The validation split first; when it is smaller than ``size``, training-split
-    rows outside the few-shot sample fill up (members never saw them either).
+    rows outside the few-shot sample fill up (members never saw them either; the
+    members' learning test reads them too, which is no leak: calibration chooses
+    the neighbourhood, not the members' answers).
     """
     if len(data.validation) >= size:
         return validation_subset(data.validation, size, config.split_seed)
     split = split_dataset(data.dataset, seed=config.split_seed)
-    trained_on = few_shot_positions(split.train, data.dataset.target, config.shots, seed=config.split_seed)
-    unused = split.train.drop(index=split.train.index[trained_on])
+    unused = outside_few_shot(split.train, data.dataset.target, config.shots, seed=config.split_seed)
     unused = stratified_sample(unused, data.dataset.target, min(size - len(data.validation), len(unused)),
                                seed=config.split_seed, what="calibration rows")
     extra = encode_frame(data.dataset, data.serializer, data.tokenizer, unused, config.train.max_length)

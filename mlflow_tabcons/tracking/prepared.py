@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from mlflow_tabcons.data.serialize import NUMBER_STYLES, NumberWords, RowSerializer
-from mlflow_tabcons.data.tables import TabularDataset, few_shot, load_dataset, split_dataset, stratified_positions
+from mlflow_tabcons.data.tables import TabularDataset, few_shot, load_dataset, outside_few_shot, split_dataset, stratified_positions
 from mlflow_tabcons.errors import TabconsInputError
 from mlflow_tabcons.members.checkpoints import resolve_model_path
 from mlflow_tabcons.members.classifier import ANSWER_CUE, answer_token_ids, checkpoint_family, load_tokenizer, resolve_head
@@ -20,8 +20,8 @@ from mlflow_tabcons.scoring.consistency import ConsistencyScores
 from mlflow_tabcons.tracking.config import TrainingConfig
 
 
-# The most test rows the members' accuracy and learning test read (scored rows included): at a majority rate of
-# 0.7 a member 5 points above it passes on 1,000 rows nearly always, and a large table's prediction cost stays bounded.
+# The most rows the members' accuracy and learning test read (scored rows included): at a majority rate of 0.7
+# a member 5 points above it passes on 1,000 rows nearly always, and a large table's prediction cost stays bounded.
 MAX_TEST_ROWS = 1000
 
 
@@ -29,12 +29,13 @@ MAX_TEST_ROWS = 1000
 class PreparedData:
     """The dataset cut into what training and scoring read, serialized and tokenized.
 
-    ``test`` holds the test rows the members are judged on, the evaluation rows
-    first: S is scored on the evaluation rows (``eval_rows`` of them, a stratified
+    ``test`` holds the rows the members are judged on, the evaluation rows first:
+    S is scored on the evaluation rows (``eval_rows`` of the test split, a stratified
     sample, since each costs k + 1 forward passes), while the members' accuracy and
-    the test of whether they learned read every test row up to ``MAX_TEST_ROWS``
-    (one pass each; on credit-g 300 rows where the default scores 100, and the
-    test's power grows with the rows).
+    the test of whether they learned read every row no member trained on and nothing
+    was chosen on, up to ``MAX_TEST_ROWS``: the test split and the training split's
+    rows outside the few-shot sample (one pass each; on credit-g at 128 shots 722
+    rows where the default scores 100, and the test's power grows with the rows).
     """
 
     dataset: TabularDataset
@@ -85,24 +86,34 @@ def prepare_data(config: TrainingConfig) -> PreparedData:
         raise TabconsInputError(f"eval_rows={config.eval_rows} is larger than the {len(split.test)} test rows")
     model_path = resolve_model_path(config.model)
     tokenizer = load_tokenizer(model_path, checkpoint_family(model_path))
-    test_frame, n_eval = evaluation_rows_first(split.test, dataset.target, config.eval_rows, config.split_seed)
+    unseen = outside_few_shot(split.train, dataset.target, config.shots, seed=config.split_seed)
+    test_frame, n_eval = evaluation_rows_first(split.test, dataset.target, config.eval_rows, config.split_seed, unseen=unseen)
     return serialized(
         dataset, tokenizer, train_frame, split.validation, test_frame, n_eval, config, number_styles(config, dataset)[0]
     )
 
 
 def evaluation_rows_first(
-    test: pd.DataFrame, target: str, eval_rows: int, seed: int, max_rows: int = MAX_TEST_ROWS
+    test: pd.DataFrame,
+    target: str,
+    eval_rows: int,
+    seed: int,
+    max_rows: int = MAX_TEST_ROWS,
+    unseen: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, int]:
-    """The rows the members are judged on, the ``eval_rows`` scored ones (a stratified sample; 0: all) first, and
-    how many are scored; the other test rows follow, a random ``max_rows - eval_rows`` of them on a large table."""
-    if not eval_rows:
-        return test, len(test)
-    scored = stratified_positions(test, target, eval_rows, seed=seed, what="eval_rows")
-    rest = np.setdiff1d(np.arange(len(test)), scored)
+    """The rows the members are judged on and how many of them are scored: the ``eval_rows`` scored test rows (a
+    stratified sample; 0: the whole test split) first, then the other test rows and the ``unseen`` ones (rows
+    of another split no member trained on), a random ``max_rows`` minus the scored ones of those on a large table.
+
+    A few-shot member trains on a small sample of the training split; the rest of it is as unseen as the test
+    split, so the test of whether the members learned reads it too (the evaluation of S keeps to the test split).
+    """
+    scored = stratified_positions(test, target, eval_rows, seed=seed, what="eval_rows") if eval_rows else np.arange(len(test))
+    pool = test if unseen is None else pd.concat([test, unseen[test.columns]], ignore_index=True)
+    rest = np.setdiff1d(np.arange(len(pool)), scored)
     if len(scored) + len(rest) > max_rows:
         rest = np.sort(np.random.default_rng(seed).permutation(rest)[: max(max_rows - len(scored), 0)])
-    return test.iloc[np.concatenate([scored, rest])].reset_index(drop=True), len(scored)
+    return pool.iloc[np.concatenate([scored, rest])].reset_index(drop=True), len(scored)
 
 
 def serialized(
@@ -153,12 +164,12 @@ class TrainingOutcome:
     data: PreparedData
     trainer: EnsembleTrainer
     members: list[Member]
-    member_probabilities: np.ndarray  # (m, n, C) on the evaluation rows (the first n test rows)
+    member_probabilities: np.ndarray  # (m, n, C) on the evaluation rows (the first n of data.test)
     scores: ConsistencyScores
     metrics: dict[str, float]
     rows: pd.DataFrame
     eval_prefix: list[torch.Tensor] | None  # the frozen layers' output on the evaluation rows, shared by all members
-    # whether the members beat the majority class on the test rows (metrics.classification.members_learned)
+    # whether the members beat the majority class on the unseen rows (metrics.classification.members_learned)
     members_learned: bool = False
     # members that ranked the validation rows no better than chance and were replaced (members/admission.py)
     members_replaced: int = 0

@@ -61,7 +61,7 @@ def packaged_reference(outcome: TrainingOutcome, config: TrainingConfig) -> Tabc
 
 def measured_evidence(outcome: TrainingOutcome, config: TrainingConfig) -> dict[str, Any]:
     """The facts the promotion gate reads, measured at training time (certification on the evaluation rows, accuracy
-    and the learning test on every test row), and how they were measured.
+    and the learning test on every unseen row), and how they were measured.
 
     Everything but the model's content digest, which exists only once the model is stored.
     """

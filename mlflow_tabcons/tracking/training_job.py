@@ -72,7 +72,7 @@ def train_ensemble_members(
     A member that ranks the validation rows no better than chance is replaced by
     one trained with the next unused seed (seeds, seeds + 1, ...) while
     ``config.replacements`` allows; after that it is kept, and the stated test
-    on the test rows (``data.test``, whose frozen-prefix cache is ``test_prefix``)
+    on the unseen rows (``data.test``, whose frozen-prefix cache is ``test_prefix``)
     judges the ensemble. Seeds in ``finished`` (members reloaded by a resume) are
     reused, not retrained, and tested again the same way.
     """
@@ -222,7 +222,7 @@ def per_row_table(
 def ensemble_metrics(
     labels: np.ndarray, members: list[Member], member_probabilities: np.ndarray, scores: ConsistencyScores
 ) -> dict[str, float]:
-    """What the parent run logs: accuracy and the learning test on every test row (``labels``, ``member_probabilities``
+    """What the parent run logs: accuracy and the learning test on every unseen row (``labels``, ``member_probabilities``
     (m, n_test, C)); multiplicity and certification on the scored rows, the first ``len(scores.predicted)`` of them."""
     scored = member_probabilities[:, : len(scores.predicted)]
     member_labels = scored.argmax(axis=2)
@@ -255,7 +255,7 @@ def ensemble_metrics(
 
 
 def baseline_metrics(data: PreparedData) -> dict[str, float]:
-    """The classical baselines fit on the members' training rows, scored on the test rows the members are judged on."""
+    """The classical baselines fit on the members' training rows, scored on the unseen rows the members are judged on."""
     dataset = data.dataset
     scores = classical_baselines(
         data.train_frame, data.train.labels, data.test_frame, data.test.labels,
