@@ -140,6 +140,7 @@ def test_between_two_classes_the_threshold_may_leave_the_grid_for_answer_scores_
     assert decide(weight).tolist() == labels.tolist()
     # the cut sits midway between the last negative (1.9) and the first positive (2.2)
     assert weight * np.log(2) == pytest.approx(2.05)
+    assert best_class_prior(probabilities, labels, train_labels, "balanced", 1.0, whole_line=False) == 1.0
     # among the cuts that decide as well, the one nearest the configured weight; the grid wins ties
     assert best_class_prior(probabilities, np.ones(6, dtype=int), train_labels, "balanced", configured=1.0) == 1.0
     # three classes: the grid alone

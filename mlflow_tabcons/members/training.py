@@ -215,7 +215,13 @@ PRIOR_WEIGHTS = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 
 def best_class_prior(
-    probabilities: np.ndarray, labels: np.ndarray, train_labels: np.ndarray, class_weight: str, configured: float
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    train_labels: np.ndarray,
+    class_weight: str,
+    configured: float,
+    *,
+    whole_line: bool = True,
 ) -> float:
     """The class-prior weight whose decisions are most accurate on held-out rows (``probabilities`` as trained).
 
@@ -226,12 +232,13 @@ def best_class_prior(
     one label word), so there the weight that cuts between any two neighbouring validation rows is a
     candidate too (``line_weights``). A tie keeps ``configured``, then the weights of ``PRIOR_WEIGHTS`` in
     order, then the weight nearest ``configured``: the threshold leaves the grid only for decisions that
-    are strictly more accurate on the held-out rows.
+    are strictly more accurate on the held-out rows. ``whole_line=False`` weighs the grid alone
+    (``benchmarks/class_prior_rules.py`` compares the two on the same members).
     """
     log_p = np.log(np.maximum(probabilities, 1e-12))
     log_prior = _log_class_frequencies(train_labels, probabilities.shape[1])
     trained_for = _trained_for(class_weight)
-    line = sorted(line_weights(log_p, log_prior, trained_for), key=lambda weight: abs(weight - configured))
+    line = sorted(line_weights(log_p, log_prior, trained_for), key=lambda weight: abs(weight - configured)) if whole_line else []
     candidates = (configured, *(w for w in PRIOR_WEIGHTS if w != configured), *line)
     accuracy = {
         weight: float(np.mean(np.argmax(log_p + (weight - trained_for) * log_prior, axis=1) == labels))
