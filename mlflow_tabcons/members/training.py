@@ -257,7 +257,7 @@ def line_weights(log_p: np.ndarray, log_prior: np.ndarray, trained_for: float) -
         return []
     differences = np.unique(log_p[:, 1] - log_p[:, 0])
     cuts = np.concatenate([[differences[0] - 1.0], (differences[1:] + differences[:-1]) / 2, [differences[-1] + 1.0]])
-    # class 1 wins where difference + (weight - trained_for) * slope > 0, so the threshold sits at the cut when
+    # class 1 wins where difference + (weight - trained_for) * slope > 0: the threshold sits at the cut for this weight
     return [float(trained_for - cut / slope) for cut in cuts]
 
 
