@@ -236,12 +236,13 @@ def best_class_prior(
     (``benchmarks/class_prior_rules.py`` compares the two on the same members).
     """
     log_p = np.log(np.maximum(probabilities, 1e-12))
-    log_prior = _log_class_frequencies(train_labels, probabilities.shape[1])
-    trained_for = _trained_for(class_weight)
-    line = sorted(line_weights(log_p, log_prior, trained_for), key=lambda weight: abs(weight - configured)) if whole_line else []
-    candidates = (configured, *(w for w in PRIOR_WEIGHTS if w != configured), *line)
+    num_labels = probabilities.shape[1]
+    line = []
+    if whole_line:
+        line = line_weights(log_p, _log_class_frequencies(train_labels, num_labels), _trained_for(class_weight))
+    candidates = (configured, *(w for w in PRIOR_WEIGHTS if w != configured), *sorted(line, key=lambda w: abs(w - configured)))
     accuracy = {
-        weight: float(np.mean(np.argmax(log_p + (weight - trained_for) * log_prior, axis=1) == labels))
+        weight: float(np.mean(np.argmax(log_p + prior_shift(train_labels, num_labels, class_weight, weight), axis=1) == labels))
         for weight in candidates
     }
     best = max(accuracy.values())
