@@ -97,7 +97,7 @@ def test_predictions_encode_compactly():
     assert evidence("a", predictions="0110").predicted_classes()[:4].tolist() == [0, 1, 1, 0]
 
 
-def test_content_digest_sees_every_byte_and_every_name(tmp_path):
+def test_content_digest_sees_every_byte_and_every_name_but_the_record_mlflow_writes_on_load(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "model" / "MLmodel").write_text("flavors: {}")
@@ -110,6 +110,12 @@ def test_content_digest_sees_every_byte_and_every_name(tmp_path):
     (tmp_path / "model" / "model.safetensors").write_bytes(b"weights")
     (tmp_path / "model" / "MLmodel").rename(tmp_path / "model" / "MLmodel2")
     assert directory_digest(tmp_path / "model") != digest
+    (tmp_path / "model" / "MLmodel2").rename(tmp_path / "model" / "MLmodel")
+    (tmp_path / "model" / "registered_model_meta").write_text("model_name: m\nmodel_version: '1'\n")
+    assert directory_digest(tmp_path / "model") == digest  # what MLflow writes when models:/m/1 is loaded
+    (tmp_path / "model" / "data").mkdir()
+    (tmp_path / "model" / "data" / "registered_model_meta").write_text("model_name: m\n")
+    assert directory_digest(tmp_path / "model") != digest  # only MLflow's own file, only at the top
     with pytest.raises(TabconsInputError, match="cannot read the model files"):
         content_digest(str(tmp_path / "missing"))
 

@@ -5,7 +5,7 @@ import pytest
 from scipy.stats import binom
 
 from mlflow_tabcons.errors import TabconsInputError
-from mlflow_tabcons.metrics.classification import mcnemar_vs_majority, members_learned
+from mlflow_tabcons.metrics.classification import mcnemar_vs_majority, members_learned, passes_majority_test
 
 
 def _one_hot(predicted: np.ndarray) -> np.ndarray:
@@ -42,6 +42,16 @@ def test_half_of_the_members_must_pass_at_half_alpha():
     assert learned and p_values[0] < 1e-6 and p_values[1] > 0.5
     learned, _ = members_learned(labels, np.stack([_one_hot(good), _one_hot(noise), _one_hot(noise)]))
     assert not learned
+
+
+def test_one_model_passes_by_the_test_not_by_a_point_above_the_majority_rate():
+    labels = np.array([0] * 70 + [1] * 30)
+    one_row_better = np.zeros(100, dtype=np.int64)
+    one_row_better[70] = 1  # accuracy 0.71 against a majority rate of 0.70
+    assert not passes_majority_test(labels, one_row_better)
+    clearly_better = np.zeros(100, dtype=np.int64)
+    clearly_better[70:85] = 1  # 15 minority rows right, none wrong: p = 2**-15
+    assert passes_majority_test(labels, clearly_better)
 
 
 def test_level_holds_for_members_that_learned_nothing():

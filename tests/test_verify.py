@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
@@ -17,9 +18,11 @@ from gate_support import KEY, VERIFIER_KEY
 from mlflow_tabcons.cli import cli
 from mlflow_tabcons.data.tables import load_dataset
 from mlflow_tabcons.errors import TabconsInputError
+from mlflow_tabcons.flavor import load_model
 from mlflow_tabcons.flavor.packaged import TabconsModel
-from mlflow_tabcons.gate.evidence import VERIFIED_EVIDENCE_TAG, verify_evidence
+from mlflow_tabcons.gate.evidence import VERIFIED_EVIDENCE_TAG, decode_predictions, verify_evidence
 from mlflow_tabcons.gate.protocol import Protocol
+from mlflow_tabcons.metrics.classification import passes_majority_test
 from mlflow_tabcons.scoring.consistency import ScorerSettings
 from mlflow_tabcons.tracking.verification import holdout_labels, measure_holdout, protocol_settings, verify_version
 
@@ -89,6 +92,11 @@ def test_train_verify_promote(tracking_uri, tiny_model_dir, monkeypatch, tmp_pat
     client = mlflow.MlflowClient(registry_uri=registry)
     evidence = verify_evidence(client.get_model_version("pima", "1").tags[VERIFIED_EVIDENCE_TAG], VERIFIER_KEY, "verifier")
     assert (evidence.k, evidence.tau, evidence.alpha, evidence.n_eval) == (64, 0.5, 0.05, 60)  # tightened to the protocol
+    model = load_model("models:/pima/1")  # on a local store MLflow writes a file into the version: still allowed below
+    labels = holdout_labels(model, pd.read_csv(tmp_path / "holdout.csv"), None)
+    predicted = np.array(decode_predictions(evidence.predictions))
+    assert evidence.accuracy == pytest.approx(np.mean(predicted == labels))
+    assert evidence.members_learned == passes_majority_test(labels, predicted)  # the trainer's test, not a point
 
     allowed = runner.invoke(cli, promote)
     assert allowed.exit_code == 0 and "allowed" in allowed.output, allowed.output

@@ -23,6 +23,9 @@ from mlflow_tabcons.errors import TabconsInputError
 # `mlflow server` proxies mlflow-artifacts:/ URIs to this destination (mlflow.server.ARTIFACTS_DESTINATION_ENV_VAR).
 SERVER_ARTIFACTS_DESTINATION_ENV = "_MLFLOW_SERVER_ARTIFACT_DESTINATION"
 _CHUNK = 1 << 20
+# Loading ``models:/name/version`` from a local artifact store makes MLflow write this file (the name and version,
+# never read back) into the stored model directory: hashing it would let a mere load break the evidence's binding.
+REGISTERED_MODEL_META = "registered_model_meta"
 
 
 def _file_digest(path: Path) -> str:
@@ -36,6 +39,8 @@ def _file_digest(path: Path) -> str:
 def directory_digest(root: str | os.PathLike[str]) -> str:
     """``sha256:`` over the sorted (relative path, file sha256) pairs of every file under ``root``.
 
+    Every file counts except MLflow's own ``registered_model_meta`` at the top, which no loader reads.
+
     A link to a directory is refused: its files would be read when the model loads but never hashed, so they
     could be rewritten after signing. (A link to a file is hashed as the file it points to, on every check.)
     """
@@ -46,7 +51,7 @@ def directory_digest(root: str | os.PathLike[str]) -> str:
             f"the model files at {root} link to directories ({', '.join(linked)}): files behind a link are not bound "
             "to the evidence; store the files themselves"
         )
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p != root / REGISTERED_MODEL_META)
     if not files:
         raise TabconsInputError(f"no model files at {root}")
     listing = "".join(f"{p.relative_to(root).as_posix()}\0{_file_digest(p)}\n" for p in files)

@@ -108,6 +108,11 @@ LEARNING_ALPHA = 0.05
 MEMBER_LEVEL = LEARNING_ALPHA / 2
 
 
+def passes_majority_test(labels: np.ndarray, predicted: np.ndarray) -> bool:
+    """The stated test for one model (a verifier's): beats the majority class at ``MEMBER_LEVEL``, not by a point."""
+    return mcnemar_vs_majority(labels, predicted) <= MEMBER_LEVEL
+
+
 def members_learned(
     labels: np.ndarray, member_probabilities: np.ndarray, alpha: float = LEARNING_ALPHA
 ) -> tuple[bool, np.ndarray]:

@@ -32,7 +32,7 @@ from mlflow_tabcons.gate.evidence import Evidence, encode_predictions
 from mlflow_tabcons.gate.keys import VERIFIER, ensure_signing_key
 from mlflow_tabcons.gate.protocol import DEFAULT_PROTOCOL, Protocol
 from mlflow_tabcons.members.training import encode
-from mlflow_tabcons.metrics.classification import majority_rate
+from mlflow_tabcons.metrics.classification import passes_majority_test
 from mlflow_tabcons.scoring.consistency import ScorerSettings
 from mlflow_tabcons.scoring.bounds import clopper_pearson
 
@@ -85,10 +85,9 @@ def measure_holdout(model: TabconsModel, frame: pd.DataFrame, labels: np.ndarray
     scores = model.scorer(**settings.to_dict()).score(input_ids)
     count = int(scores.certified.sum())
     low, high = clopper_pearson(count, len(labels), settings.alpha)
-    accuracy = float(np.mean(scores.predicted == labels))
     return {
         "certified_fraction": count / len(labels), "certified_fraction_lower": low, "certified_fraction_upper": high,
-        "accuracy": accuracy, "members_learned": accuracy > majority_rate(labels),
+        "accuracy": float(np.mean(scores.predicted == labels)), "members_learned": passes_majority_test(labels, scores.predicted),
         "max_row_variance": float(scores.variance.max()), "predictions": encode_predictions(scores.predicted.tolist()),
     }
 
